@@ -96,8 +96,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    model: ModelConfig = ModelConfig(name="deeplabv3plus_resnet50", output_stride=8)
-    checkpoint: str | None = None  # best.pt or last.pt of the teacher's `kaseg train` run
+    # best.pt or last.pt of the teacher's `kaseg train` run; the architecture is read
+    # from the checkpoint.
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
-def sample_seed(seed: int, position: int) -> int:
-    return int(np.random.SeedSequence([seed, position]).generate_state(1, np.uint32)[0])
+def sample_seed(seed: int, position: int, stream: int = 0) -> int:
+    """A 32-bit seed for (run seed, position); ``stream`` separates independent uses."""
+    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1, np.uint32)[0])
 
 
 class TrainSampler(Sampler[tuple[int, int]]):
@@ -44,7 +45,7 @@ class TrainSampler(Sampler[tuple[int, int]]):
         self.world_size = world_size
 
     def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, stream=1))
         return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

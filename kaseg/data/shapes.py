@@ -63,7 +63,8 @@ class ShapesDataset:
     Args:
         root: unused; present so every data set shares one constructor signature.
         split: ``train``, ``val`` or ``test``.
-        num_images: images in the split.
+        num_images: images in the train split.
+        num_val_images: images in the val and test splits.
         size: image height and width in pixels.
         seed: base seed; the same seed always gives the same images.
         min_objects, max_objects: objects per image (wires and dots included).
@@ -79,6 +80,7 @@ class ShapesDataset:
         split: str = "train",
         *,
         num_images: int = 2000,
+        num_val_images: int = 500,
         size: int = 64,
         seed: int = 0,
         min_objects: int = 2,
@@ -95,10 +97,13 @@ class ShapesDataset:
             raise ValueError(
                 f"shapes: need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}"
             )
-        if num_images < 1:
-            raise ValueError(f"shapes: num_images must be positive, got {num_images}")
+        if num_images < 1 or num_val_images < 1:
+            raise ValueError(
+                f"shapes: num_images and num_val_images must be positive, got {num_images}, "
+                f"{num_val_images}"
+            )
         self.split = split
-        self.num_images = num_images
+        self.num_images = num_images if split == "train" else num_val_images
         self.size = size
         self.seed = seed
         self.min_objects = min_objects

@@ -61,6 +61,7 @@ class TrainingJob:
             distillation job, the plain student without the adapter).
         evaluate: runs the validation on every process and returns metrics.
         best_metric: the metric (higher is better) that decides ``best.pt``.
+        pictures: optional; an H x W x 3 picture of predictions logged after evaluations.
     """
 
     module: nn.Module
@@ -68,6 +69,7 @@ class TrainingJob:
     export: nn.Module
     evaluate: Callable[[], dict[str, Any]]
     best_metric: str = "miou"
+    pictures: Callable[[], np.ndarray | None] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -280,6 +282,10 @@ def fit(
         )
         if evaluate_now:
             metrics = job.evaluate()
+            if main and job.pictures is not None and run_log.writer is not None:
+                picture = job.pictures()
+                if picture is not None:
+                    run_log.log_image(iteration, "val/predictions", picture)
             module.train()
             score = metrics.get(job.best_metric)
             run_log.log(iteration, "val", metrics)

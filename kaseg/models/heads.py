@@ -15,12 +15,18 @@ ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
 
 def conv_bn_relu(
-    in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1
+    in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1, stride: int = 1
 ) -> nn.Sequential:
     padding = dilation * (kernel_size - 1) // 2
     return nn.Sequential(
         nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=False,
         ),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),

@@ -1,0 +1,165 @@
+"""The modules the training loop runs for the two knowledge-adaptation stages.
+
+* :class:`AutoEncoderTraining` (stage 1): frozen teacher, trainable auto-encoder.
+* :class:`Distiller` (stage 2): frozen teacher and encoder, trainable student, adapter
+  and any loss with parameters of its own.
+
+Both return a dict of named, weighted loss terms; frozen parts run under
+``torch.inference_mode`` and stay in eval mode whatever ``train()`` is called with, so
+their batch-norm statistics never change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kaseg.data.base import IGNORE_INDEX
+from kaseg.distill.autoencoder import TeacherAutoEncoder, adapter, autoencoder_loss
+from kaseg.distill.losses import DistillInputs, WeightedLoss
+from kaseg.models.segmenter import Segmenter
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+@torch.inference_mode()
+def _teacher_forward(teacher: Segmenter, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return teacher(images)
+
+
+def _to_grid(features: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    if features.shape[-2:] == size:
+        return features
+    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+
+
+class AutoEncoderTraining(nn.Module):
+    """Stage 1: reconstruct the frozen teacher's final features through the code."""
+
+    def __init__(self, teacher: Segmenter, autoencoder: TeacherAutoEncoder, *, alpha: float) -> None:
+        super().__init__()
+        self.teacher = freeze(teacher)
+        self.autoencoder = autoencoder
+        self.alpha = alpha
+
+    def train(self, mode: bool = True) -> AutoEncoderTraining:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        features = _teacher_forward(self.teacher, images)["features"].clone()
+        code, reconstruction = self.autoencoder(features)
+        return autoencoder_loss(features, code, reconstruction, self.alpha)
+
+
+class ReconstructionProbe:
+    """Evaluation of an auto-encoder: the teacher's logits read from D(E(F_t)).
+
+    Called like a logits function (so the usual mIoU evaluation applies) while it sums
+    ``||F_t - D(E(F_t))||^2`` and ``||F_t||^2`` for the relative reconstruction error.
+    """
+
+    def __init__(self, teacher: Segmenter, autoencoder: TeacherAutoEncoder) -> None:
+        self.teacher = teacher
+        self.autoencoder = autoencoder
+        self.sums = torch.zeros(2, dtype=torch.float64)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.teacher(images)["features"]
+        _, reconstruction = self.autoencoder(features)
+        self.sums = self.sums.to(features.device)
+        self.sums += torch.stack(
+            [(features - reconstruction).double().pow(2).sum(), features.double().pow(2).sum()]
+        )
+        return self.teacher.classify(reconstruction, images.shape[-2:])
+
+
+class Distiller(nn.Module):
+    """Stage 2: the student learns from labels, the teacher's code and its affinities.
+
+    ``forward(images, masks)`` returns ``{"ce": ce_weight * CE, key: weight * loss, ...}``
+    with one entry per configured loss (for the paper: ``adapt`` with weight 50 and
+    ``affinity`` with weight 1).
+
+    Args:
+        teacher: the trained teacher (frozen here).
+        student: the segmenter being trained; the only part that is exported.
+        encoder: the trained auto-encoder (frozen; only E is used), or None to adapt the
+            student straight to the teacher's features resized to the student's grid.
+        losses: the weighted distillation losses.
+        ce_weight: weight of the cross-entropy on the labels.
+    """
+
+    def __init__(
+        self,
+        teacher: Segmenter,
+        student: Segmenter,
+        *,
+        encoder: TeacherAutoEncoder | None,
+        losses: list[WeightedLoss],
+        ce_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.teacher = freeze(teacher)
+        self.encoder = freeze(encoder) if encoder is not None else None
+        self.student = student
+        self.needs_code = any(loss.module.needs_code for loss in losses)
+        code_channels = (
+            encoder.arch["code_channels"] if encoder is not None else teacher.feature_channels
+        )
+        self.adapter = adapter(student.feature_channels, code_channels) if self.needs_code else None
+        self.losses = nn.ModuleList(loss.module for loss in losses)
+        self.keys = [loss.key for loss in losses]
+        self.weights = [loss.weight for loss in losses]
+        self.ce_weight = ce_weight
+
+    @property
+    def trainable(self) -> nn.ModuleDict:
+        """Student, adapter and loss parameters: what the optimizer updates and resumes."""
+        parts = nn.ModuleDict({"student": self.student, "losses": self.losses})
+        if self.adapter is not None:
+            parts["adapter"] = self.adapter
+        return parts
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
+    @torch.inference_mode()
+    def _teacher_code(self, features: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+        if self.encoder is not None:
+            return _to_grid(self.encoder.encode(features), grid)
+        return F.adaptive_avg_pool2d(features, grid)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        teacher = _teacher_forward(self.teacher, images)
+        student = self.student(images)
+        grid = student["features"].shape[-2:]
+        inputs = DistillInputs(
+            student_logits=student["logits"],
+            student_features=student["features"],
+            # Inference tensors cannot be saved for backward; clones are ordinary tensors.
+            teacher_logits=teacher["logits"].clone(),
+            teacher_features=teacher["features"].clone(),
+            masks=masks,
+        )
+        if self.needs_code:
+            inputs.teacher_code = self._teacher_code(teacher["features"], grid).clone()
+            inputs.student_code = self.adapter(student["features"])
+        losses = {
+            "ce": self.ce_weight
+            * F.cross_entropy(student["logits"].float(), masks, ignore_index=IGNORE_INDEX)
+        }
+        for key, weight, loss in zip(self.keys, self.weights, self.losses):
+            losses[key] = weight * loss(inputs)
+        return losses
