@@ -34,6 +34,7 @@ class ModelConfig:
     aspp: bool = True
     aspp_rates: tuple[int, ...] | None = None
     head_channels: int = 256
+    dropout: float = 0.1
     # False, True (timm's weights from the hub or its cache) or a local checkpoint path.
     pretrained: bool | str = False
 

@@ -81,6 +81,7 @@ def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:
         aspp=model.aspp,
         aspp_rates=model.aspp_rates,
         head_channels=model.head_channels,
+        dropout=model.dropout,
         pretrained=model.pretrained,
     )
 

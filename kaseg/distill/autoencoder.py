@@ -94,13 +94,17 @@ class TeacherAutoEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(code, reconstruction)`` for teacher features B x C_t x h_t x w_t."""
-        sizes = []
+        downsampled_from = []  # the input size of each stride-2 encoder layer
         code = features
         for layer in self.encoder:
-            sizes.append(tuple(code.shape[-2:]))
+            if layer[0].stride[0] == 2:
+                downsampled_from.append(tuple(code.shape[-2:]))
             code = layer(code)
+        # The decoder upsamples first, retracing the encoder's sizes, then refines at F_t's size.
+        targets = downsampled_from[::-1]
+        targets += [tuple(features.shape[-2:])] * (len(self.decoder) - len(targets))
         reconstruction = code
-        for layer, size in zip(self.decoder, reversed(sizes)):
+        for layer, size in zip(self.decoder, targets):
             reconstruction = layer(reconstruction, size)
         return code, reconstruction
 

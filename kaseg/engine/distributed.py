@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
@@ -71,6 +71,22 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class _DifferentiableSum(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Batch norm of ``x`` with statistics over the batches of all processes.
 
@@ -81,7 +97,7 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     channels = x.shape[1]
     x64 = x.double()
     count = torch.tensor([x.numel() / channels], dtype=torch.float64, device=x.device)
-    stats = dist_nn.all_reduce(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
+    stats = _DifferentiableSum.apply(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
     total = stats[-1]
     mean = stats[:channels] / total
     var = stats[channels : 2 * channels] / total - mean * mean

@@ -40,6 +40,7 @@ def segmentation_metrics(
 
     Returns:
         ``miou``, ``pixel_acc``, ``mean_acc`` (floats, or None on an empty matrix),
+        ``pixels`` (how many labelled pixels were counted),
         ``iou`` and ``acc`` (per-class dicts keyed by class name, None where undefined),
         and ``absent_classes`` (names with neither ground truth nor predictions).
     """
@@ -64,6 +65,7 @@ def segmentation_metrics(
         "miou": percent(iou[present].mean()) if present.any() else None,
         "pixel_acc": percent(true_positive.sum() / total) if total > 0 else None,
         "mean_acc": percent(acc[gt_pixels > 0].mean()) if (gt_pixels > 0).any() else None,
+        "pixels": int(total),
         "iou": {name: percent(value) for name, value in zip(names, iou)},
         "acc": {name: percent(value) for name, value in zip(names, acc)},
         "absent_classes": [name for name, p in zip(names, present) if not p],

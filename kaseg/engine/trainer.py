@@ -289,7 +289,8 @@ def fit(
             module.train()
             score = metrics.get(job.best_metric)
             run_log.log(iteration, "val", metrics)
-            bar.write(f"[{config.name}] iteration {iteration}: " + _summary(metrics))
+            if main:
+                bar.write(f"[{config.name}] iteration {iteration}: " + _summary(metrics))
             if score is not None and score > best:
                 best = score
                 if main:

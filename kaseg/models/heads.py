@@ -73,9 +73,11 @@ class ASPP(nn.Module):
 class DeepLabV3Head(nn.Module):
     """ASPP on the last backbone level; its output is the final feature map."""
 
-    def __init__(self, in_channels: int, channels: int, rates: tuple[int, ...]) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, rates: tuple[int, ...], dropout: float = 0.1
+    ) -> None:
         super().__init__()
-        self.aspp = ASPP(in_channels, channels, rates)
+        self.aspp = ASPP(in_channels, channels, rates, dropout)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.aspp(features[-1])
@@ -96,9 +98,10 @@ class DeepLabV3PlusHead(nn.Module):
         channels: int,
         rates: tuple[int, ...],
         low_level_projection: int = 48,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.aspp = ASPP(in_channels, channels, rates)
+        self.aspp = ASPP(in_channels, channels, rates, dropout)
         self.low_level = conv_bn_relu(low_level_channels, low_level_projection)
         self.fuse = nn.Sequential(
             conv_bn_relu(channels + low_level_projection, channels, 3),

@@ -73,6 +73,7 @@ def _build(
     aspp: bool = True,
     aspp_rates: tuple[int, ...] | None = None,
     head_channels: int = 256,
+    dropout: float = 0.1,
 ) -> Segmenter:
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -87,10 +88,10 @@ def _build(
     low_channels, high_channels = body.feature_info.channels()
     low_stride, _ = body.feature_info.reduction()
     if decoder:
-        head = DeepLabV3PlusHead(low_channels, high_channels, head_channels, rates)
+        head = DeepLabV3PlusHead(low_channels, high_channels, head_channels, rates, dropout=dropout)
         feature_stride = low_stride
     else:
-        head = DeepLabV3Head(high_channels, head_channels, rates)
+        head = DeepLabV3Head(high_channels, head_channels, rates, dropout=dropout)
         feature_stride = output_stride
     arch = dict(
         name=name,
@@ -100,6 +101,7 @@ def _build(
         aspp=aspp,
         aspp_rates=list(aspp_rates) if aspp_rates is not None else None,
         head_channels=head_channels,
+        dropout=dropout,
     )
     return Segmenter(
         body,
@@ -129,7 +131,7 @@ def _register_family(backbone: str) -> None:
             f"{'DeepLabV3+' if decoder else 'DeepLabV3'} on a timm {backbone} backbone. "
             "Keyword arguments: num_classes, output_stride (8, 16, 32), pretrained (bool or "
             "path), width (mobilenetv2 only), aspp (False = light head), aspp_rates, "
-            "head_channels."
+            "head_channels, dropout (after the ASPP projection)."
         )
         MODELS.register(name)(builder)
 

@@ -1,0 +1,140 @@
+"""Time and peak memory of the affinity loss: kaseg's Gram form vs the naive N x N form.
+
+Forward + backward at 256 channels, batch 1, for several grids. Each measurement runs in
+a fresh subprocess so that its peak memory (max RSS on the CPU, max allocated on CUDA)
+is its own. The naive form is skipped where its N x N matrices would not fit in memory.
+
+    python benchmarks/affinity.py [--device cpu|cuda] [--channels 256] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+GRIDS = [(33, 33), (65, 65), (64, 128), (128, 256)]
+NAIVE_MEMORY_LIMIT_GB = 12.0
+
+
+def naive_affinity(student, teacher):
+    """The textbook form: both N x N affinity matrices, in float32."""
+    import torch.nn.functional as F
+
+    s = F.normalize(student.flatten(2), dim=1)
+    t = F.normalize(teacher.flatten(2), dim=1)
+    n = s.shape[2]
+    a_s = s.transpose(1, 2) @ s / n
+    a_t = t.transpose(1, 2) @ t / n
+    return (a_s - a_t).pow(2).sum((1, 2)).mean()
+
+
+def measure(form: str, height: int, width: int, channels: int, device: str, repeats: int) -> dict:
+    """Runs in the child process: returns median time and peak memory of forward+backward."""
+    import torch
+
+    from kaseg.distill import affinity_loss
+
+    torch.manual_seed(0)
+    loss_fn = affinity_loss if form == "gram" else naive_affinity
+    student = torch.randn(1, channels, height, width, device=device, requires_grad=True)
+    teacher = torch.randn(1, channels, height, width, device=device)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        student.grad = None
+        loss_fn(student, teacher).backward()
+        sync()
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"time_ms": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_child(form: str, grid: tuple[int, int], args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, __file__, "--child", form, str(grid[0]), str(grid[1]),
+        "--channels", str(args.channels), "--device", args.device, "--repeats", str(args.repeats),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", nargs=3, metavar=("FORM", "H", "W"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        form, height, width = args.child
+        print(json.dumps(measure(form, int(height), int(width), args.channels, args.device, args.repeats)))
+        return
+
+    rows = []
+    for grid in GRIDS:
+        positions = grid[0] * grid[1]
+        row = {"grid": f"{grid[0]}x{grid[1]}", "positions": positions, "channels": args.channels}
+        row["gram"] = run_child("gram", grid, args)
+        # A_s, A_t, their difference and its gradient: four N x N float32 matrices.
+        naive_gb = 4 * positions**2 * 4 / 2**30
+        if naive_gb > NAIVE_MEMORY_LIMIT_GB:
+            row["naive"] = {"skipped": f"needs about {naive_gb:.0f} GB for its N x N matrices"}
+        else:
+            row["naive"] = run_child("naive", grid, args)
+        if "time_ms" in row["naive"] and "time_ms" in row["gram"]:
+            row["speedup"] = row["naive"]["time_ms"] / row["gram"]["time_ms"]
+            row["memory_ratio"] = row["naive"]["peak_mb"] / max(row["gram"]["peak_mb"], 1e-3)
+        rows.append(row)
+        if not args.json:
+            print(_format_row(row), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+def _format_row(row: dict) -> str:
+    def cell(result: dict) -> str:
+        if "time_ms" in result:
+            return f"{result['time_ms']:9.1f} ms {result['peak_mb']:9.1f} MB"
+        return f"{result.get('skipped', result.get('error', '?'))[:28]:>25s}"
+
+    ratios = ""
+    if "speedup" in row:
+        ratios = f"  {row['speedup']:6.1f}x faster, {row['memory_ratio']:7.1f}x less memory"
+    return f"{row['grid']:>8s} (N={row['positions']:6d})  gram {cell(row['gram'])}  naive {cell(row['naive'])}{ratios}"
+
+
+if __name__ == "__main__":
+    main()

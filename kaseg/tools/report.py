@@ -1,0 +1,150 @@
+"""A static HTML report of a demo run: table, per-class IoU, training curves and samples.
+
+Everything is written beside ``report.html`` (PNG pictures made with matplotlib), so the
+folder can be opened offline or copied as a whole.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kaseg.config import Config
+from kaseg.data import build_val_dataset
+from kaseg.engine.logger import read_metrics
+from kaseg.stages import load_segmenter
+from kaseg.tools.visualize import denormalize, grid, overlay
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("the report needs matplotlib: pip install 'kaseg[report]'") from error
+    return plt
+
+
+def per_class_chart(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    classes = list(rows[0]["iou"])
+    width = 0.8 / len(rows)
+    figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(classes)), 3.6))
+    for i, row in enumerate(rows):
+        values = [row["iou"][name] or 0.0 for name in classes]
+        axis.bar(np.arange(len(classes)) + (i - (len(rows) - 1) / 2) * width, values, width, label=row["model"])
+    axis.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right")
+    axis.set_ylabel("IoU (%)")
+    axis.set_ylim(0, 100)
+    axis.legend(fontsize=7, loc="lower left")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def curves_chart(runs: dict[str, Path], path: Path) -> None:
+    plt = _pyplot()
+    figure, (loss_axis, miou_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, run_dir in runs.items():
+        entries = read_metrics(run_dir)
+        train = [e for e in entries if e["split"] == "train"]
+        val = [e for e in entries if e["split"] == "val" and e.get("miou") is not None]
+        if train:
+            loss_axis.plot([e["iteration"] for e in train], [e["loss"] for e in train], label=label)
+        if val:
+            miou_axis.plot([e["iteration"] for e in val], [e["miou"] for e in val], "o-", label=label)
+    loss_axis.set_yscale("log")
+    loss_axis.set_title("training loss (sum of weighted terms)")
+    miou_axis.set_title("validation mIoU (%)")
+    for axis in (loss_axis, miou_axis):
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@torch.no_grad()
+def samples_picture(config: Config, checkpoints: list[Path], count: int, path: Path) -> None:
+    """Rows of image | ground truth | each model's prediction, as colour overlays."""
+    dataset = build_val_dataset(config.data)
+    palette = dataset.dataset.palette
+    models = [load_segmenter(checkpoint) for checkpoint in checkpoints]
+    rows = []
+    for index in range(min(count, len(dataset))):
+        image, mask = dataset[index]
+        pixels = denormalize(image, config.data.mean, config.data.std)
+        row = [pixels, overlay(pixels, mask.numpy(), palette)]
+        for model in models:
+            prediction = model(image[None])["logits"].argmax(1)[0].numpy()
+            row.append(overlay(pixels, prediction, palette))
+        rows.append(row)
+    picture = grid(rows)
+    scale = max(1, 512 // picture.shape[1] + 1) if picture.shape[1] < 512 else 1
+    Image.fromarray(picture).resize(
+        (picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST
+    ).save(path)
+
+
+def write_report(out: Path, summary: dict[str, Any], configs: dict[str, Config], samples: int = 6) -> Path:
+    """Writes report.html and its PNGs into ``out``; returns the HTML path."""
+    rows = summary["rows"]
+    per_class_chart(rows, out / "per_class_iou.png")
+    curves_chart({name: config.run_dir for name, config in configs.items()}, out / "curves.png")
+    checkpoints = [configs[row["run"]].run_dir / "checkpoints" / "last.pt" for row in rows]
+    first = configs[rows[0]["run"]]
+    samples_picture(first, checkpoints, samples, out / "samples.png")
+
+    dataset = build_val_dataset(first.data).dataset
+    legend = "".join(
+        f'<span class="swatch" style="background: rgb{tuple(int(c) for c in colour)}"></span>'
+        f"{html.escape(name)} "
+        for name, colour in zip(dataset.classes, dataset.palette)
+    )
+    table_rows = "".join(
+        f"<tr><td>{html.escape(row['model'])}</td><td>{row['output_stride']}</td>"
+        f"<td>{row['params'] / 1e6:.2f} M</td><td>{row['gflops']:.3f}</td>"
+        f"<td>{row['latency_ms']:.1f}</td><td>{row['miou']:.2f}</td></tr>"
+        for row in rows
+    )
+    columns = " | ".join(["image", "ground truth"] + [html.escape(row["model"]) for row in rows])
+    ae = summary["autoencoder"]
+    size = "x".join(str(s) for s in summary["input_size"])
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>kaseg demo report</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.swatch {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; border: 1px solid #888; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>kaseg demo: knowledge adaptation on the built-in shapes data set</h1>
+<p>Seed {summary['seed']}{' (quick run)' if summary['quick'] else ''}; total time {summary['seconds'] / 60:.1f} min.</p>
+<h2>Models</h2>
+<table><tr><th>model</th><th>OS</th><th>params</th><th>GFLOPs @ {size}</th><th>CPU ms @ {size}</th><th>mIoU</th></tr>
+{table_rows}</table>
+<p>Distilled student vs student alone: <b>{summary['gain_miou']:+.2f} mIoU</b>.
+Auto-encoder: relative reconstruction error {ae['relative_error']:.3f}; the teacher's mIoU
+when its classifier reads the reconstruction: {ae['teacher_miou_through_reconstruction']:.2f}.
+GFLOPs count a multiply-add as 2 FLOPs; latency is the median of 20 batch-1 CPU runs.</p>
+<h2>Per-class IoU</h2><img src="per_class_iou.png" alt="per-class IoU">
+<h2>Training curves</h2><img src="curves.png" alt="training curves">
+<h2>Validation samples</h2>
+<p>Columns: {columns}.</p>
+<p>{legend}</p>
+<img src="samples.png" alt="validation samples">
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path
