@@ -146,11 +146,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from kaseg.tools.demo import run_demo
+    from kaseg.tools.demo import format_summary, run_demo
 
-    rows = run_demo(args.out, quick=args.quick, compare=args.compare, seed=args.seed)
+    summary = run_demo(args.out, quick=args.quick, compare=args.compare, seed=args.seed)
     if args.json:
-        _print_json(rows)
+        _print_json(summary["rows"])
+    else:
+        print(format_summary(summary))
+        print(f"report: {summary['report']}")
 
 
 def build_parser() -> argparse.ArgumentParser:

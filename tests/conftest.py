@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,16 @@ TINY_STUDENT = {
     "dropout": 0.0,
 }
 TINY_TEACHER = {"name": "deeplabv3plus_resnet18", "output_stride": 8, "head_channels": 8}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and two OpenMP threads on a busy 2-core
+    machine make each forward pass ~100x slower (spinning threads wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(run_root: Path, name: str, **sections: Any) -> dict[str, Any]:

@@ -21,14 +21,7 @@ TINY_SPEC = "width=0.35,head_channels=16,aspp=false,output_stride=16,num_classes
 SIZE = (64, 64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and two OpenMP threads on a busy 2-core
-    machine make each forward pass ~100x slower (spinning threads wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvOnly(nn.Module):

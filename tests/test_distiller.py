@@ -16,6 +16,8 @@ from kaseg.distill import (
 )
 from kaseg.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_teacher(output_stride: int = 8):
     return build_model("deeplabv3plus_resnet18", num_classes=4, output_stride=output_stride, head_channels=16)

@@ -30,14 +30,7 @@ needs_onnx = pytest.mark.skipif(onnxruntime is None, reason="needs `pip install 
 NUM_CLASSES = len(SHAPES_PALETTE)  # the default config's data set is the built-in shapes set
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and two OpenMP threads on a busy 2-core
-    machine make each forward pass ~100x slower (spinning threads wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +291,8 @@ def fit(
             score = metrics.get(job.best_metric)
             run_log.log(iteration, "val", metrics)
             if main:
-                bar.write(f"[{config.name}] iteration {iteration}: " + _summary(metrics))
+                # stderr, like the bar: stdout stays clean for --json output.
+                bar.write(f"[{config.name}] iteration {iteration}: " + _summary(metrics), file=sys.stderr)
             if score is not None and score > best:
                 best = score
                 if main:

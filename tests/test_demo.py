@@ -1,0 +1,39 @@
+"""The quick demo end to end: every stage, the table, the JSON rows and the report."""
+
+from __future__ import annotations
+
+import pytest
+
+import json
+
+from kaseg.cli import main
+from kaseg.tools.demo import run_demo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = run_demo(out, quick=True)
+    rows = summary["rows"]
+    assert [row["run"] for row in rows] == ["teacher", "student", "distill"]
+    assert rows[0]["architecture"] == "deeplabv3plus_resnet18"
+    assert rows[1]["architecture"] == rows[2]["architecture"] == "deeplabv3_mobilenetv2"
+    for row in rows:
+        assert isinstance(row["miou"], float) and 0 <= row["miou"] <= 100
+        assert row["params"] > 0 and row["gflops"] > 0 and row["latency_ms"] > 0
+    assert rows[0]["gflops"] > 10 * rows[1]["gflops"]
+    for name in ("report.html", "per_class_iou.png", "curves.png", "samples.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.html").read_text()
+    assert "samples.png" in report and "student + KA + affinity" in report
+
+    # A second run reuses every finished stage and prints the same table as JSON.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
+    assert len(stamps) == 4
+    capsys.readouterr()
+    main(["demo", "--quick", "--out", str(out), "--json"])
+    rows_again = json.loads(capsys.readouterr().out)
+    assert [r["miou"] for r in rows_again] == [r["miou"] for r in rows]
+    assert {"model", "params", "gflops", "latency_ms", "miou"} <= set(rows_again[0])
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
