@@ -233,10 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from kaseg.config import ConfigError
+    from kaseg.data import DataError
+    from kaseg.engine.checkpoint import CheckpointError
     from kaseg.engine.distributed import cleanup
+    from kaseg.engine.trainer import NonFiniteLossError
+    from kaseg.models import PretrainedWeightsError
 
+    # Problems with the user's input end with their message, not a traceback.
+    user_errors = (
+        ConfigError, DataError, CheckpointError, PretrainedWeightsError, FileExistsError, NonFiniteLossError,
+    )
     try:
         args.func(args)
+    except user_errors as error:
+        print(f"kaseg {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         cleanup()
 
