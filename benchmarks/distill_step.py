@@ -78,7 +78,8 @@ def profile_setting(name: str, device: torch.device, repeats: int) -> dict:
     build = lambda spec: build_model(**spec, num_classes=k).to(device)  # noqa: E731
     teacher, student = build(setting["teacher"]), build(setting["student"])
     layers = stride_ratio_layers(teacher.feature_stride, student.feature_stride)
-    encoder = TeacherAutoEncoder(teacher.feature_channels, setting["code_channels"], downsample_layers=layers).to(device)
+    code_channels = setting["code_channels"]
+    encoder = TeacherAutoEncoder(teacher.feature_channels, code_channels, downsample_layers=layers).to(device)
     dims = FeatureDims(student.feature_channels, teacher.feature_channels, setting["code_channels"], k)
     losses = build_losses([{"name": "adapt", "weight": 50.0}, {"name": "affinity", "weight": 1.0}], dims)
     distiller = Distiller(teacher, student, encoder=encoder, losses=losses).to(device).train()

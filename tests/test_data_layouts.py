@@ -192,7 +192,7 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
     assert len(ds) == 4
     assert len(ds.classes) == 19 and ds.classes[0] == "road" and ds.classes[18] == "bicycle"
     assert ds.palette[13].tolist() == [0, 0, 142]  # car
-    for index, ((city, stem), (label_id, train_id)) in enumerate(CITYSCAPES_CASES.items()):
+    for index, ((_city, stem), (_label_id, train_id)) in enumerate(CITYSCAPES_CASES.items()):
         assert Path(ds.source(index)).name == f"{stem}_leftImg8bit.png"  # sorted order
         image, mask = ds[index]
         assert (mask[BOX] == train_id).all()
@@ -247,7 +247,7 @@ def test_context_ignores_background_and_shifts_classes(tmp_path: Path) -> None:
     assert len(ds) == 2
     assert len(ds.classes) == 59 and ds.classes[0] == "aeroplane" and ds.classes[-1] == "wood"
     assert ds.classes[14] == "cat" and ds.palette.shape == (59, 3)
-    for index, (raw, class_id) in enumerate(list(drawn.values())[:2]):
+    for index, (_raw, class_id) in enumerate(list(drawn.values())[:2]):
         image, mask = ds[index]
         assert set(np.unique(mask).tolist()) == {class_id, IGNORE_INDEX}
         assert_aligned(image, mask, class_id, exact=False)
@@ -285,7 +285,7 @@ def test_ade20k_shifts_labels_and_ignores_zero(tmp_path: Path) -> None:
     assert len(ds.classes) == 150 and len(set(ds.classes)) == 150
     assert ds.classes[0] == "wall" and ds.classes[12] == "person"
     assert ds.classes[149] == "flag" and ds.classes[44] == "chest of drawers"
-    for index, (raw, class_id) in enumerate(drawn["training"].values()):
+    for index, (_raw, class_id) in enumerate(drawn["training"].values()):
         image, mask = ds[index]
         assert set(np.unique(mask).tolist()) == {class_id, IGNORE_INDEX}
         assert_aligned(image, mask, class_id, exact=False)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from kaseg.cli import main
 from kaseg.tools.demo import run_demo

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_STUDENT, run_kaseg, tiny_config, write_config
+
 from kaseg.config import load_config
+from kaseg.data import build_train_dataset
 from kaseg.engine import checkpoint as checkpoint_module
 from kaseg.engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from kaseg.engine.trainer import NonFiniteLossError, TrainingJob, fit
 from kaseg.models import build_model
-from kaseg.data import build_train_dataset
 from kaseg.stages import SupervisedTraining, train_segmenter
 
 
@@ -32,7 +32,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for key in a:
         if tolerance:
-            torch.testing.assert_close(a[key], b[key], **tolerance, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a[key], b[key], **tolerance, msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert torch.equal(a[key], b[key]), key
 
@@ -119,7 +119,7 @@ class NaNAtIteration(torch.nn.Module):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, "nan")))
     torch.manual_seed(0)
-    model = build_model("deeplabv3_mobilenetv2", num_classes=8, **{k: v for k, v in TINY_STUDENT.items() if k != "name"})
+    model = build_model(num_classes=8, **TINY_STUDENT)
     job = TrainingJob(
         module=NaNAtIteration(model, bad_iteration=3), trainable=model, export=model,
         evaluate=lambda: {"miou": 0.0},
@@ -154,7 +154,8 @@ def test_loading_into_another_architecture_names_both(tmp_path):
     path = tmp_path / "small.pt"
     save_checkpoint({"arch": small.arch, "model": small.state_dict()}, path)
     other_classes = build_model("deeplabv3_mobilenetv2", num_classes=5, width=0.35, head_channels=8)
-    with pytest.raises(CheckpointError, match=r"deeplabv3_mobilenetv2\(num_classes=8.*num_classes: checkpoint has 8, model has 5"):
+    expected = r"deeplabv3_mobilenetv2\(num_classes=8.*num_classes: checkpoint has 8, model has 5"
+    with pytest.raises(CheckpointError, match=expected):
         load_weights(other_classes, path)
     other_arch = build_model("deeplabv3plus_resnet18", num_classes=8, head_channels=8)
     with pytest.raises(CheckpointError, match="deeplabv3plus_resnet18"):

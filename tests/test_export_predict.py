@@ -15,9 +15,8 @@ from kaseg.config import Config, to_dict
 from kaseg.data.shapes import PALETTE as SHAPES_PALETTE
 from kaseg.engine.checkpoint import save_checkpoint
 from kaseg.models import build_model
-from kaseg.tools.predict import MAX_WHOLE_IMAGE_SIDE, checkpoint_palette, palette_png, predict_files
-
 from kaseg.tools.export import export_onnx
+from kaseg.tools.predict import MAX_WHOLE_IMAGE_SIDE, checkpoint_palette, palette_png, predict_files
 
 try:
     import onnx

@@ -9,8 +9,7 @@ import timm
 import torch
 
 import kaseg
-from kaseg.models import MODELS, PretrainedWeightsError, build_model, create_backbone
-from kaseg.models import backbones
+from kaseg.models import MODELS, PretrainedWeightsError, backbones, build_model, create_backbone
 from kaseg.registry import Registry
 
 SIZES = [(64, 64), (65, 97), (50, 34)]  # 65x97 and 50x34 are not multiples of 32

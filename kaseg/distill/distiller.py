@@ -110,11 +110,12 @@ class Distiller(nn.Module):
         self.teacher = freeze(teacher)
         self.encoder = freeze(encoder) if encoder is not None else None
         self.student = student
-        self.needs_code = any(loss.module.needs_code for loss in losses)
+        self.needs_teacher_code = any(loss.module.needs_teacher_code for loss in losses)
         code_channels = (
             encoder.arch["code_channels"] if encoder is not None else teacher.feature_channels
         )
-        self.adapter = adapter(student.feature_channels, code_channels) if self.needs_code else None
+        needs_adapter = any(loss.module.needs_adapter for loss in losses)
+        self.adapter = adapter(student.feature_channels, code_channels) if needs_adapter else None
         self.losses = nn.ModuleList(loss.module for loss in losses)
         self.keys = [loss.key for loss in losses]
         self.weights = [loss.weight for loss in losses]
@@ -153,8 +154,9 @@ class Distiller(nn.Module):
             teacher_features=teacher["features"].clone(),
             masks=masks,
         )
-        if self.needs_code:
+        if self.needs_teacher_code:
             inputs.teacher_code = self._teacher_code(teacher["features"], grid).clone()
+        if self.adapter is not None:
             inputs.student_code = self.adapter(student["features"])
         losses = {
             "ce": self.ce_weight

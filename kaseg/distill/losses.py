@@ -2,15 +2,16 @@
 
 Every loss is a small module registered by name, built from a config entry
 ``{name: ..., weight: ..., <its parameters>}`` and called with the :class:`DistillInputs`
-of one step. Losses that compare a student code with the teacher's code set
-``needs_code``; the Distiller then runs the adapter and the encoder for them.
+of one step. A loss that reads the teacher's code sets ``needs_teacher_code`` (the
+Distiller then runs the encoder) and one that reads the adapted student features sets
+``needs_adapter`` (the Distiller then builds and runs the adapter).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -54,9 +55,10 @@ class DistillInputs:
 
 
 class DistillLoss(nn.Module):
-    """Base class: ``forward(inputs) -> scalar``; subclasses say whether they need codes."""
+    """Base class: ``forward(inputs) -> scalar``; subclasses say which inputs they read."""
 
-    needs_code: ClassVar[bool] = False
+    needs_teacher_code: bool = False
+    needs_adapter: bool = False
 
     def forward(self, inputs: DistillInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -67,7 +69,8 @@ class KnowledgeAdaptationLoss(DistillLoss):
     """Knowledge adaptation loss (He et al., CVPR 2019): normalised adapted student vs
     teacher code at every position; see :func:`knowledge_adaptation_loss`."""
 
-    needs_code = True
+    needs_teacher_code = True
+    needs_adapter = True
 
     def __init__(self, dims: FeatureDims, *, p: float = 2.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -87,7 +90,7 @@ class AffinityLoss(DistillLoss):
             default); ``student`` takes the student's affinity from F_s directly.
     """
 
-    needs_code = True
+    needs_teacher_code = True
 
     def __init__(
         self, dims: FeatureDims, *, source: Literal["adapted", "student"] = "adapted", eps: float = 1e-6
@@ -96,6 +99,7 @@ class AffinityLoss(DistillLoss):
         if source not in ("adapted", "student"):
             raise ValueError(f"affinity source must be 'adapted' or 'student', got {source!r}")
         self.source = source
+        self.needs_adapter = source == "adapted"
         self.eps = eps
 
     def forward(self, inputs: DistillInputs) -> torch.Tensor:

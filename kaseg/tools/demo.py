@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from kaseg.config import Config, load_config
 from kaseg.engine.checkpoint import load_checkpoint
 from kaseg.stages import distill, load_segmenter, train_autoencoder, train_segmenter
