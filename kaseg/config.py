@@ -35,6 +35,7 @@ class ModelConfig:
     aspp_rates: tuple[int, ...] | None = None
     head_channels: int = 256
     dropout: float = 0.1
+    decoder_stride: int = 4  # deeplabv3plus only: 4 (DeepLabV3+) or 8 (the paper's teacher)
     # False, True (timm's weights from the hub or its cache) or a local checkpoint path.
     pretrained: bool | str = False
 

@@ -82,6 +82,7 @@ def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:
         aspp_rates=model.aspp_rates,
         head_channels=model.head_channels,
         dropout=model.dropout,
+        decoder_stride=model.decoder_stride,
         pretrained=model.pretrained,
     )
 

@@ -178,3 +178,21 @@ def test_autoencoder_training_keeps_teacher_frozen():
 
 def test_loss_registry_has_the_paper_losses():
     assert {"adapt", "affinity"} <= set(LOSSES.names())
+
+
+def test_autoencoder_for_another_teacher_or_code_size_is_refused(tmp_path):
+    from kaseg.engine.checkpoint import CheckpointError, save_checkpoint
+    from kaseg.stages import load_autoencoder
+
+    teacher = tiny_teacher()
+    autoencoder = TeacherAutoEncoder(teacher.feature_channels, 8, downsample_layers=2, teacher_arch=teacher.arch)
+    path = tmp_path / "ae.pt"
+    save_checkpoint({"arch": autoencoder.arch, "model": autoencoder.state_dict()}, path)
+    assert load_autoencoder(path, teacher, 8, 2).arch == autoencoder.arch
+    with pytest.raises(CheckpointError, match="code_channels: checkpoint has 8, model has 16"):
+        load_autoencoder(path, teacher, 16, 2)
+    other_teacher = build_model("deeplabv3plus_resnet18", num_classes=4, output_stride=16, head_channels=16)
+    with pytest.raises(CheckpointError, match="teacher: checkpoint has .*'output_stride': 8"):
+        load_autoencoder(path, other_teacher, 8, 2)
+    with pytest.raises(CheckpointError, match="kaseg train-ae"):
+        load_autoencoder(None, teacher, 8, 2)

@@ -149,3 +149,30 @@ def test_pretrained_from_local_checkpoint(tmp_path):
     torch.testing.assert_close(backbone.conv_stem.weight, classifier.conv_stem.weight)
     model = build_model("deeplabv3_mobilenetv2", width=0.35, pretrained=str(path))
     torch.testing.assert_close(model.backbone.conv_stem.weight, classifier.conv_stem.weight)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_decoder_stride_8_gives_the_papers_teacher_tap(output_stride):
+    model = build_model(
+        "deeplabv3plus_resnet18", num_classes=3, output_stride=output_stride, decoder_stride=8, head_channels=8
+    ).eval()
+    assert model.feature_stride == 8 and model.arch["decoder_stride"] == 8
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 65, 97))
+    assert out["features"].shape == (1, 8, 9, 13) and out["logits"].shape == (1, 3, 65, 97)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("deeplabv3plus_resnet18", {"decoder_stride": 16}, "decoder_stride must be one of"),
+        ("deeplabv3_resnet18", {"decoder_stride": 8}, "deeplabv3plus models"),
+        ("deeplabv3plus_resnet18", {"decoder_stride": 8, "output_stride": 32}, None),
+    ],
+)
+def test_decoder_stride_errors(name, kwargs, match):
+    if match is None:
+        assert build_model(name, **kwargs).feature_stride == 8
+        return
+    with pytest.raises(ValueError, match=match):
+        build_model(name, **kwargs)

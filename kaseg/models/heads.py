@@ -86,7 +86,8 @@ class DeepLabV3Head(nn.Module):
 class DeepLabV3PlusHead(nn.Module):
     """DeepLabV3+ (Chen et al., ECCV 2018): ASPP, then a decoder fusing low-level features.
 
-    The ASPP output is upsampled to the low-level (stride 4) grid, concatenated with a
+    The ASPP output is upsampled to the low-level grid (stride 4 by default, the
+    ``decoder_output_stride`` of the reference implementation), concatenated with a
     48-channel projection of the low-level features and refined by two 3x3 convs. The
     final feature map therefore has the low-level stride, whatever the output stride.
     """

@@ -15,6 +15,11 @@ from kaseg.registry import Registry
 
 MODELS: Registry = Registry("model")
 
+# timm feature level whose features the DeepLabV3+ decoder fuses, by their stride. The
+# decoder output (the final feature map) has this stride: 4 is DeepLabV3+'s default; 8
+# gives the paper's teacher, whose final features are at 1/8 of the input.
+DECODER_LEVELS = {4: 1, 8: 2}
+
 
 class Segmenter(nn.Module):
     """Backbone, head and a 1x1 classifier.
@@ -74,16 +79,26 @@ def _build(
     aspp_rates: tuple[int, ...] | None = None,
     head_channels: int = 256,
     dropout: float = 0.1,
+    decoder_stride: int = 4,
 ) -> Segmenter:
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     check_output_stride(output_stride)
     if aspp_rates is not None and not aspp:
         raise ValueError("aspp_rates needs aspp=True; aspp=False is the light head without rates")
+    if decoder_stride not in DECODER_LEVELS:
+        raise ValueError(f"decoder_stride must be one of {sorted(DECODER_LEVELS)}, got {decoder_stride!r}")
+    if decoder_stride != 4 and not decoder:
+        raise ValueError("decoder_stride applies to deeplabv3plus models, which have a decoder")
+    if decoder_stride > output_stride:
+        raise ValueError(f"decoder_stride {decoder_stride} cannot exceed output_stride {output_stride}")
     rates = tuple(aspp_rates) if aspp_rates is not None else ASPP_RATES[output_stride]
     rates = rates if aspp else ()
     body = create_backbone(
-        timm_name(backbone, width), output_stride=output_stride, pretrained=pretrained
+        timm_name(backbone, width),
+        output_stride=output_stride,
+        pretrained=pretrained,
+        out_indices=(DECODER_LEVELS[decoder_stride], 4),
     )
     low_channels, high_channels = body.feature_info.channels()
     low_stride, _ = body.feature_info.reduction()
@@ -102,6 +117,7 @@ def _build(
         aspp_rates=list(aspp_rates) if aspp_rates is not None else None,
         head_channels=head_channels,
         dropout=dropout,
+        decoder_stride=decoder_stride,
     )
     return Segmenter(
         body,
@@ -131,7 +147,8 @@ def _register_family(backbone: str) -> None:
             f"{'DeepLabV3+' if decoder else 'DeepLabV3'} on a timm {backbone} backbone. "
             "Keyword arguments: num_classes, output_stride (8, 16, 32), pretrained (bool or "
             "path), width (mobilenetv2 only), aspp (False = light head), aspp_rates, "
-            "head_channels, dropout (after the ASPP projection)."
+            "head_channels, dropout (after the ASPP projection), decoder_stride (4 or 8, "
+            "deeplabv3plus only: the stride of the fused low-level features and the output)."
         )
         MODELS.register(name)(builder)
 
