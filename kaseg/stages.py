@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
-from kaseg.config import Config, ModelConfig, save_config
+from kaseg.config import Config, ModelConfig, save_config, to_dict
 from kaseg.data import IGNORE_INDEX, build_train_dataset, build_val_dataset
 from kaseg.data.loader import eval_loader
 from kaseg.distill import (
@@ -68,8 +69,34 @@ def prepare_run(config: Config) -> torch.device:
     seed_everything(config.seed)
     if is_main_process():
         config.run_dir.mkdir(parents=True, exist_ok=True)
+        _warn_if_config_changed(config)
         save_config(config, config.run_dir / "config.yaml")
     return device
+
+
+def _warn_if_config_changed(config: Config) -> None:
+    """A resumed run keeps its folder; say which settings differ from the saved ones."""
+    saved_path = config.run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(to_dict(config))
+    changed = sorted(k for k in saved.keys() | current.keys() if k != "train.resume" and saved.get(k) != current.get(k))
+    if changed:
+        logger.warning(
+            "%s: the config differs from the one saved in %s: %s",
+            config.name, saved_path, ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed),
+        )
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:
