@@ -41,13 +41,15 @@ SETTINGS = {
     # The demo: kaseg/configs/shapes (64x64, batch 16).
     "demo": dict(
         size=64, batch=16, num_classes=8, code_channels=64,
-        teacher=dict(name="deeplabv3plus_resnet18", output_stride=8, head_channels=64),
+        teacher=dict(
+            name="deeplabv3plus_resnet18", output_stride=8, decoder_stride=8, aspp_rates=(2, 4, 6), head_channels=64
+        ),
         student=dict(name="deeplabv3_mobilenetv2", output_stride=16, width=0.5, aspp=False, head_channels=64),
     ),
     # Pascal VOC size: the paper's ResNet-50 teacher at OS 8, MobileNetV2 student at OS 16.
     "voc": dict(
         size=513, batch=2, num_classes=21, code_channels=128,
-        teacher=dict(name="deeplabv3plus_resnet50", output_stride=8),
+        teacher=dict(name="deeplabv3plus_resnet50", output_stride=8, decoder_stride=8),
         student=dict(name="deeplabv3_mobilenetv2", output_stride=16),
     ),
 }
