@@ -1,8 +1,9 @@
 """Time and peak memory of the affinity loss: kaseg's Gram form vs the naive N x N form.
 
 Forward + backward at 256 channels, batch 1, for several grids. Each measurement runs in
-a fresh subprocess so that its peak memory (max RSS on the CPU, max allocated on CUDA)
-is its own. The naive form is skipped where its N x N matrices would not fit in memory.
+a fresh subprocess so that its peak memory (on the CPU: the growth of the max RSS over the
+first step, inputs excluded; on CUDA: max allocated) is its own; the time is the median
+of the following steps. The naive form is skipped where its N x N matrices would not fit in memory.
 
     python benchmarks/affinity.py [--device cpu|cuda] [--channels 256] [--repeats 3] [--json]
 """
@@ -53,21 +54,26 @@ def measure(form: str, height: int, width: int, channels: int, device: str, repe
         loss_fn(student, teacher).backward()
         sync()
 
-    step()  # warm-up
+    # Peak memory of the first full-size step, measured from the RSS just before it. A
+    # tiny step first initialises the libraries (BLAS buffers, autograd), which would
+    # otherwise be counted as the loss's memory.
+    tiny = torch.randn(1, channels, 4, 4, device=device, requires_grad=True)
+    loss_fn(tiny, torch.randn(1, channels, 4, 4, device=device)).backward()
+    sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"time_ms": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
 
 

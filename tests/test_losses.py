@@ -57,6 +57,31 @@ def test_affinity_matches_naive_values_and_gradients(shape_s, shape_t):
     torch.testing.assert_close(student.grad, student_ref.grad, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("teacher_channels", [6, 9])
+def test_affinity_over_several_blocks_with_zero_vectors(teacher_channels):
+    # 40 x 60 = 2400 positions: three blocks of AFFINITY_CHUNK; some all-zero positions
+    # exercise the clamped norms (values and gradients).
+    torch.manual_seed(7)
+    student = torch.randn(2, 6, 40, 60, dtype=torch.float64)
+    student[:, :, 3, 5:9] = 0
+    teacher = torch.randn(2, teacher_channels, 40, 60, dtype=torch.float64)
+    teacher[:, :, 10, :4] = 0
+    student.requires_grad_(True)
+    student_ref = student.detach().clone().requires_grad_(True)
+    loss, reference = affinity_loss(student, teacher), naive_affinity(student_ref, teacher)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-8)
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(student.grad, student_ref.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_affinity_gradient_reaches_the_student_only():
+    student = torch.randn(1, 4, 5, 5, requires_grad=True)
+    teacher = torch.randn(1, 4, 5, 5, requires_grad=True)
+    affinity_loss(student, teacher).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
 def test_affinity_float32_inputs_match_float64_reference():
     torch.manual_seed(1)
     student = torch.randn(2, 32, 16, 16)
