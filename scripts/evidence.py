@@ -27,16 +27,19 @@ def run_seed(out: Path, seed: int) -> dict:
 
 
 def aggregate(summaries: list[dict]) -> list[dict]:
-    """Rows in the order of the first summary, with mean/stdev of mIoU and the gain
-    over the student alone of the same seed."""
+    """Rows (matched by run name, in the order of the first summary) with mean/stdev of
+    mIoU and the gain over the student alone of the same seed."""
+    by_run = [{row["run"]: row for row in summary["rows"]} for summary in summaries]
+    missing = {run for rows in by_run for run in by_run[0]} - set.intersection(*(set(rows) for rows in by_run))
+    if missing:
+        raise SystemExit(f"runs {sorted(missing)} are missing from some seeds; re-run those seeds")
     table = []
-    for index, row in enumerate(summaries[0]["rows"]):
-        values = [s["rows"][index]["miou"] for s in summaries]
-        students = [next(r for r in s["rows"] if r["run"] == "student")["miou"] for s in summaries]
-        gains = [v - b for v, b in zip(values, students)]
+    for run, row in by_run[0].items():
+        values = [rows[run]["miou"] for rows in by_run]
+        gains = [rows[run]["miou"] - rows["student"]["miou"] for rows in by_run]
         table.append({
             "model": row["model"],
-            "run": row["run"],
+            "run": run,
             "miou_mean": statistics.mean(values),
             "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "gain_mean": statistics.mean(gains),

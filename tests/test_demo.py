@@ -37,3 +37,19 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert [r["miou"] for r in rows_again] == [r["miou"] for r in rows]
     assert {"model", "params", "gflops", "latency_ms", "miou"} <= set(rows_again[0])
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
+
+
+def test_every_compare_config_builds_its_losses():
+    """The comparison configs `kaseg demo --compare` runs load and build against the
+    demo's own models, so a typo in one fails here rather than an hour into the run."""
+    from kaseg.config import load_config
+    from kaseg.distill.losses import FeatureDims, build_losses
+    from kaseg.tools.demo import CONFIGS, demo_stages
+
+    stages = [stage for stage in demo_stages(CONFIGS, compare=True) if stage.name.startswith("compare-")]
+    assert len(stages) == len(list((CONFIGS / "compare").glob("*.yaml"))) >= 8
+    dims = FeatureDims(student_channels=64, teacher_channels=64, code_channels=64, num_classes=8)
+    for stage in stages:
+        config = load_config(CONFIGS / stage.config_file)
+        assert config.name == f"shapes-{stage.name}", stage.config_file
+        assert build_losses(list(config.distill.losses), dims), stage.config_file
