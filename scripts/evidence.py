@@ -30,7 +30,7 @@ def aggregate(summaries: list[dict]) -> list[dict]:
     """Rows (matched by run name, in the order of the first summary) with mean/stdev of
     mIoU and the gain over the student alone of the same seed."""
     by_run = [{row["run"]: row for row in summary["rows"]} for summary in summaries]
-    missing = {run for rows in by_run for run in by_run[0]} - set.intersection(*(set(rows) for rows in by_run))
+    missing = set().union(*by_run) - set.intersection(*(set(rows) for rows in by_run))
     if missing:
         raise SystemExit(f"runs {sorted(missing)} are missing from some seeds; re-run those seeds")
     table = []
