@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kaseg-installed
 
-.PHONY: demo demo-quick test test-slow bench clean
+.PHONY: demo demo-quick test test-slow bench evidence clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-slow: $(STAMP)  ## only the long checks
 bench: $(STAMP)
 	$(BIN)/python benchmarks/affinity.py
 	$(BIN)/python benchmarks/distill_step.py
+
+evidence: $(STAMP)  ## the README's 3-seed comparison table (about 2 h on 2 CPU cores)
+	$(BIN)/python scripts/evidence.py --seeds 0 1 2 --out runs/evidence
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
