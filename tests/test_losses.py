@@ -59,7 +59,7 @@ def test_affinity_matches_naive_values_and_gradients(shape_s, shape_t):
 
 @pytest.mark.parametrize("teacher_channels", [6, 9])
 def test_affinity_over_several_blocks_with_zero_vectors(teacher_channels):
-    # 40 x 60 = 2400 positions: three blocks of AFFINITY_CHUNK; some all-zero positions
+    # 40 x 60 = 2400 positions: several blocks of AFFINITY_CHUNK; some all-zero positions
     # exercise the clamped norms (values and gradients).
     torch.manual_seed(7)
     student = torch.randn(2, 6, 40, 60, dtype=torch.float64)
