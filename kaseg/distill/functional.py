@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 # Positions per block in the affinity loss: blocks keep the extra memory at a few MB
 # (C x chunk buffers and C x C Gram matrices) whatever the image size. At C = 256 and
-# 64 x 128 positions, 256 measured 14 MB peak against 24 MB for 1024 (benchmarks/affinity.py).
-AFFINITY_CHUNK = 256
+# 64 x 128 positions 512 measured 17 MB peak and 66 ms, 1024 20 MB and 63 ms, 256 12 MB and
+# 73 ms (forward + backward, 2 CPU threads; benchmarks/affinity.py).
+AFFINITY_CHUNK = 512
 
 
 def knowledge_adaptation_loss(
@@ -59,7 +60,7 @@ def affinity_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, eps
 
     ``||S^T S - T^T T||_F^2 = ||S S^T||_F^2 - 2 ||S T^T||_F^2 + ||T T^T||_F^2``,
 
-    which needs only C x C products: O(N C^2) time, and here O(C^2 + C * 256) memory
+    which needs only C x C products: O(N C^2) time, and here O(C^2 + C * 512) memory
     beyond the inputs and the gradient, since the Gram matrices are accumulated over
     blocks of positions and the backward pass is computed block by block too.
 
