@@ -10,7 +10,7 @@ pixel-wise cross-entropy of its upsampled version (ignore pixels excluded), then
 arg-maxed. The mIoU of these fitted grids is a practical ceiling for any model at that
 output stride, whatever its features: if a student alone already sits near it, no
 feature distillation on the same grid can add much. The area average without fitting is
-printed too. No model is involved; it runs in a few minutes on a CPU.
+printed too. The ceiling itself involves no model; it runs in a few minutes on a CPU.
 
 With ``--checkpoint`` (repeatable) the same grids are also fitted to each model's
 predictions instead of the ground truth and scored against the ground truth: for a
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kaseg.config import load_config
-from kaseg.data import IGNORE_INDEX, build_raw_dataset, build_val_dataset
+from kaseg.data import IGNORE_INDEX, build_val_dataset
 from kaseg.engine.metrics import confusion_matrix, segmentation_metrics
 from kaseg.stages import load_segmenter
 
@@ -56,11 +56,9 @@ def coarse_predictions(
 
 
 @torch.no_grad()
-def predictions_of(path: str, config, num_classes: int) -> torch.Tensor:
-    """Arg-max predictions of the checkpoint's model on the whole validation split."""
+def predictions_of(path: str, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Arg-max predictions of the checkpoint's model on ``images`` (normalised, B x 3 x H x W)."""
     model = load_segmenter(path, num_classes=num_classes)
-    dataset = build_val_dataset(config.data)
-    images = torch.stack([dataset[index][0] for index in range(len(dataset))])
     return torch.cat([model(batch)["logits"].argmax(1) for batch in images.split(50)])
 
 
@@ -69,17 +67,18 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per grid")
-    parser.add_argument("--checkpoint", action="append", default=[], help="also coarsen this model's logits")
+    parser.add_argument("--checkpoint", action="append", default=[], help="also fit grids to this model's predictions")
     args = parser.parse_args()
     config = load_config(args.config)
-    dataset = build_raw_dataset(config.data, config.data.val_split)
-    names = list(dataset.classes)
-    masks = [torch.as_tensor(dataset[index][1]).long() for index in range(len(dataset))]
-    if len({tuple(m.shape) for m in masks}) != 1:
+    dataset = build_val_dataset(config.data)  # read once: the masks, and the images the models see
+    names = list(dataset.dataset.classes)
+    samples = [dataset[index] for index in range(len(dataset))]
+    if len({tuple(mask.shape) for _, mask in samples}) != 1:
         raise SystemExit("grid_oracle.py needs a split whose masks all have one size (e.g. shapes)")
-    masks = torch.stack(masks)
+    images = torch.stack([image for image, _ in samples])
+    masks = torch.stack([mask.as_subclass(torch.Tensor).long() for _, mask in samples])
     targets = {"ground truth": masks}
-    targets.update({path: predictions_of(path, config, len(names)) for path in args.checkpoint})
+    targets.update({path: predictions_of(path, images, len(names)) for path in args.checkpoint})
     rows = {}
     for stride in args.strides:
         rows[stride] = {}
