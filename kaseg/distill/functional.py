@@ -115,17 +115,18 @@ class _GramAffinity(torch.autograd.Function):
         work = _work_dtype(student, same)
         xs, ys = student.flatten(2), teacher.flatten(2)
         grams, total = [], torch.zeros((), dtype=torch.float64, device=student.device)
+        student_channels, other_channels = xs.shape[1], ys.shape[1]
         for b in range(batch):
-            first = second = third = None
+            first = xs.new_zeros(student_channels, student_channels, dtype=torch.float64)
+            second = xs.new_zeros(student_channels, other_channels, dtype=torch.float64)
+            third = xs.new_zeros(other_channels, other_channels, dtype=torch.float64)
             for start in range(0, positions, chunk):
                 s, _ = _normalised(xs[b, :, start : start + chunk].to(work), eps)
                 t, _ = _normalised(ys[b, :, start : start + chunk].to(work), eps)
                 other = s - t if same else t  # D = S - T, or T itself
-                parts = [(s @ s.T).double(), (s @ other.T).double(), (other @ other.T).double()]
-                if first is None:
-                    first, second, third = parts
-                else:
-                    first, second, third = first + parts[0], second + parts[1], third + parts[2]
+                first += (s @ s.T).double()
+                second += (s @ other.T).double()
+                third += (other @ other.T).double()
             if same:  # first = SS^T, second = SD^T, third = DD^T
                 value = (
                     2 * (first * third).sum() + 2 * (second.T * second).sum()
