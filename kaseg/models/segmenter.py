@@ -60,10 +60,14 @@ class Segmenter(nn.Module):
         features = self.head(self.backbone(images))
         return {"logits": self.classify(features, images.shape[-2:]), "features": features}
 
+    def native_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits on the feature grid, B x K x h x w, before upsampling
+        (what CIRKD, SKD and DIST distil)."""
+        return self.classifier(features)
+
     def classify(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits at ``size`` from a final feature map (the original one or a reconstruction)."""
-        logits = self.classifier(features)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(self.native_logits(features), size=size, mode="bilinear", align_corners=False)
 
 
 def _build(
@@ -173,7 +177,16 @@ def build_model(name: str, **kwargs: Any) -> Segmenter:
     return MODELS.get(name)(**kwargs)
 
 
-def build_model_from_arch(arch: dict[str, Any]) -> Segmenter:
-    """Rebuilds a model from its ``arch`` record (as stored in checkpoints), untrained."""
+def build_model_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Rebuilds a model from its ``arch`` record (as stored in checkpoints), untrained.
+
+    A zoo record holds the name and build arguments; a record whose ``source`` is
+    torchvision, smp or python is rebuilt by :func:`kaseg.models.external.build_from_arch`.
+    """
+    if arch.get("source", "kaseg") != "kaseg":
+        from kaseg.models.external import build_from_arch
+
+        return build_from_arch(arch)
     arch = dict(arch)
+    arch.pop("source", None)
     return build_model(arch.pop("name"), **arch)
