@@ -26,9 +26,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A zoo model (``kaseg.list_models()``) and its build arguments."""
+    """The model: a zoo model (``kaseg.list_models()``) and its build arguments, or one from
+    torchvision, segmentation_models_pytorch or a factory of yours (``source``)."""
 
+    # kaseg (the zoo), torchvision (a torchvision.models.segmentation builder), smp
+    # (segmentation_models_pytorch.create_model) or python (`factory`).
+    source: Literal["kaseg", "torchvision", "smp", "python"] = "kaseg"
+    # The zoo name, the torchvision builder (deeplabv3_resnet50) or the smp architecture (Unet).
     name: str = "deeplabv3_mobilenetv2"
+    factory: str | None = None  # source python: "package.module:function" returning an nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the builder's or factory's keyword arguments
+    # Sources other than kaseg: the module whose output the distillation losses read
+    # (suffix ":input" for its input); None: the architecture's default.
+    features: str | None = None
+    weights: str | None = None  # the whole model's weights: a .safetensors or .pt state dict file
     output_stride: int = 16
     width: float = 1.0
     aspp: bool = True
@@ -101,6 +112,10 @@ class TeacherConfig:
     # best.pt or last.pt of the teacher's `kaseg train` run; the architecture is read
     # from the checkpoint.
     checkpoint: str | None = None
+    # MiB for reusing the frozen teacher's features of inputs seen before (0: off). Pays
+    # when the augmentation is deterministic (flips at most): each distinct input then
+    # costs one teacher forward per run instead of one per visit.
+    cache_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,12 +160,15 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Reads a YAML config (following ``base:`` links) and applies ``key.sub=value`` overrides."""
+    """Reads a YAML config (following ``base:`` links), applies ``key.sub=value`` overrides
+    and checks the result (:func:`validate_config`) before anything else is read."""
     values = _read_yaml_with_bases(Path(path)) if path is not None else {}
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(values, key, value)
-    return from_dict(Config, values)
+    config = from_dict(Config, values)
+    validate_config(config)
+    return config
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -282,6 +300,12 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     raise TypeError(f"config field {key} has an unsupported type {hint!r}")
 
 
+def check_value(hint: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the type ``hint`` as config fields are (and converted the
+    same way); a ConfigError names ``key``. Raises TypeError for a hint of another kind."""
+    return _convert(hint, value, key)
+
+
 def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -301,3 +325,161 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_config(config: Config) -> None:
+    """Every check a config allows without reading a file or building a data set.
+
+    The types were checked while loading; this checks the values: numbers in range, the
+    model (``kaseg.models.validate_model_config``: name, source and build arguments), the
+    data set name and options, the evaluation windows and each ``distill.losses`` entry
+    (``kaseg.distill.losses.check_loss_specs``). Paths (data.root, checkpoints, weights)
+    are not opened: that happens where they are used.
+
+    Raises:
+        ConfigError: one line naming the key and what is valid.
+    """
+    for key, check, expected in _RANGE_RULES:
+        value = _get_dotted(config, key)
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(check(v) for v in values):
+            raise ConfigError(f"{key}: expected {expected}, got {_plain_value(value)!r}")
+    _check_device(config.train.device)
+    _check_data(config.data)
+    _check_eval(config.eval, config.data)
+    from kaseg.distill.losses import check_loss_specs
+    from kaseg.models import validate_model_config
+
+    check_loss_specs(config.distill.losses)
+    validate_model_config(config.model)
+
+
+def _finite(low: float, high: float = float("inf"), *, low_open: bool = False, high_open: bool = True):
+    def check(value: Any) -> bool:
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+            and abs(value) != float("inf")
+            and (low < value if low_open else low <= value)
+            and (value < high if high_open else value <= high)
+        )
+
+    return check
+
+
+_AT_LEAST_1 = _finite(1)
+_AT_LEAST_0 = _finite(0)
+_POSITIVE = _finite(0, low_open=True)
+
+# (key, check of the value or of each element of a tuple, what is expected).
+_RANGE_RULES = (
+    ("seed", _finite(0, 2**32), "an integer in [0, 2^32)"),
+    ("model.head_channels", _AT_LEAST_1, "an integer >= 1"),
+    ("model.dropout", _finite(0, 1), "a number in [0, 1)"),
+    ("model.width", _POSITIVE, "a number > 0"),
+    ("model.aspp_rates", _AT_LEAST_1, "a list of integers >= 1 (atrous rates) or null"),
+    ("data.crop_size", _AT_LEAST_1, "two integers >= 1 (height, width)"),
+    ("data.scale_range", _POSITIVE, "two numbers > 0 (low <= high)"),
+    ("data.color_jitter", _AT_LEAST_0, "a number >= 0"),
+    ("data.mean", _finite(-float("inf")), "three finite numbers"),
+    ("data.std", _POSITIVE, "three numbers > 0"),
+    ("data.batch_size", _AT_LEAST_1, "an integer >= 1 (per process)"),
+    ("data.val_batch_size", _AT_LEAST_1, "an integer >= 1"),
+    ("data.workers", _AT_LEAST_0, "an integer >= 0"),
+    ("data.max_bad_fraction", _finite(0, 1, high_open=False), "a number in [0, 1]"),
+    ("train.iterations", _AT_LEAST_1, "an integer >= 1"),
+    ("train.lr", _POSITIVE, "a number > 0"),
+    ("train.momentum", _finite(0, 1), "a number in [0, 1)"),
+    ("train.weight_decay", _AT_LEAST_0, "a number >= 0"),
+    ("train.poly_power", _AT_LEAST_0, "a number >= 0"),
+    ("train.warmup_iterations", _AT_LEAST_0, "an integer >= 0"),
+    ("train.warmup_factor", _finite(0, 1, high_open=False), "a number in [0, 1]"),
+    ("train.grad_clip", _POSITIVE, "a number > 0 or null"),
+    ("train.log_every", _AT_LEAST_1, "an integer >= 1"),
+    ("train.eval_every", _AT_LEAST_0, "an integer >= 0 (0: at the end only)"),
+    ("train.checkpoint_every", _AT_LEAST_1, "an integer >= 1"),
+    ("eval.crop_size", _AT_LEAST_1, "two integers >= 1 or null"),
+    ("eval.stride", _AT_LEAST_1, "two integers >= 1 or null"),
+    ("eval.scales", _POSITIVE, "a non-empty list of numbers > 0"),
+    ("eval.visuals", _AT_LEAST_0, "an integer >= 0"),
+    ("teacher.cache_mb", _AT_LEAST_0, "a number >= 0 (MiB; 0: off)"),
+    ("autoencoder.code_channels", _AT_LEAST_1, "an integer >= 1"),
+    ("autoencoder.alpha", _AT_LEAST_0, "a number >= 0"),
+    ("distill.ce_weight", _AT_LEAST_0, "a number >= 0"),
+)
+
+
+def _get_dotted(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"train.device: {device!r} is not a device; use auto, cpu, cuda, cuda:<index> or another "
+            "torch device type (mps, xpu, ...)"
+        ) from None
+
+
+def _check_data(data: DataConfig) -> None:
+    import inspect
+
+    from kaseg.data import DATASETS, PROCEDURAL
+
+    low, high = data.scale_range
+    if low > high:
+        raise ConfigError(f"data.scale_range: expected low <= high, got {[low, high]}")
+    if data.name not in DATASETS:
+        raise ConfigError(f"data.name: unknown data set {data.name!r}; valid: {', '.join(sorted(DATASETS))}")
+    cls = DATASETS[data.name]
+    parameters = inspect.signature(cls.__init__).parameters
+    valid = [p.name for p in parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(data.options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"data.options: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
+            f"of data set {data.name!r}; valid: {', '.join(valid) or 'none'}"
+        )
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: the data set checks its options
+        hints = {}
+    for option, value in data.options.items():
+        if option in hints:
+            try:
+                check_value(hints[option], value, f"data.options.{option}")
+            except TypeError:  # a type the config types do not cover
+                pass
+    if data.root is None and cls not in PROCEDURAL:
+        raise ConfigError(f"data.root: data set {data.name!r} needs data.root, the folder it is stored in")
+    if data.hflip and not getattr(cls, "mirror_symmetric", True):
+        raise ConfigError(
+            f"data.hflip: the classes of data set {data.name!r} are not mirror-symmetric "
+            f"({getattr(cls, 'mirror_note', 'a flip changes the labels')}); set data.hflip=false"
+        )
+
+
+def _check_eval(evaluation: EvalConfig, data: DataConfig) -> None:
+    if not evaluation.scales:
+        raise ConfigError("eval.scales: expected a non-empty list of numbers > 0, got []")
+    crop = evaluation.crop_size or data.crop_size
+    if evaluation.stride is not None and any(s > c for s, c in zip(evaluation.stride, crop)):
+        source = "eval.crop_size" if evaluation.crop_size else "data.crop_size"
+        raise ConfigError(
+            f"eval.stride: {list(evaluation.stride)} must not exceed the sliding window {list(crop)} ({source}), "
+            "or the windows would leave gaps"
+        )

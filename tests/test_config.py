@@ -75,3 +75,120 @@ def test_round_trip_through_plain_dict(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+# ---------------------------------------------------------------- validation through the CLI
+
+# (override, the key the message names, a valid value or hint it lists)
+CONFIG_ERRORS = {
+    "unknown-key": ("train.iteratons=5", "train.iteratons", "iterations"),
+    "unknown-section": ("modle.name=x", "modle", "model"),
+    "bad-type": ("train.lr=fast", "train.lr", "expected a number"),
+    "bad-choice": ("train.amp=fp8", "train.amp", "bf16"),
+    "unknown-loss": ("distill.losses=[{name: nosuchloss, weight: 1}]", "distill.losses[0].name", "affinity"),
+    "loss-not-a-mapping": ("distill.losses=[kd]", "distill.losses[0]", "mapping"),
+    "unknown-loss-parameter": ("distill.losses=[{name: kd, T: 2}]", "distill.losses[0]", "temperature"),
+    "bad-loss-parameter-value": ("distill.losses=[{name: kd, temperature: -1}]", "losses[0].temperature", "> 0"),
+    "bad-loss-parameter-choice": ("distill.losses=[{name: affinity, source: x}]", "losses[0].source", "student"),
+    "bad-loss-parameter-type": ("distill.losses=[{name: adapt, p: two}]", "distill.losses[0].p", "expected a number"),
+    "bad-loss-weight": ("distill.losses=[{name: kd, weight: heavy}]", "distill.losses[0].weight", "number"),
+    "duplicate-loss-key": ("distill.losses=[{name: kd}, {name: kd}]", "distill.losses[1].key", "distinct"),
+    "unknown-model": ("model.name=nosuchmodel", "nosuchmodel", "deeplabv3_mobilenetv2"),
+    "bad-output-stride": ("model.output_stride=12", "output_stride", "(8, 16, 32)"),
+    "bad-width": ("model.width=0.3", "width", "0.35"),
+    "bad-decoder-stride": ("model.decoder_stride=8", "decoder_stride", "deeplabv3plus"),
+    "unknown-model-source": ("model.source=keras", "model.source", "torchvision"),
+    "unknown-data-set": ("data.name=nosuchdata", "data.name", "shapes"),
+    "unknown-data-option": ("data.options={nosuch: 1}", "data.options", "split_ratio"),
+    "bad-data-option-type": ("data.options={split_ratio: half}", "data.options.split_ratio", "float"),
+    "flip-of-asymmetric-classes": ("data.name=mosaic", "data.hflip", "hflip=false"),
+    "negative-iterations": ("train.iterations=-5", "train.iterations", ">= 1"),
+    "zero-batch-size": ("data.batch_size=0", "data.batch_size", ">= 1"),
+    "zero-learning-rate": ("train.lr=0", "train.lr", "> 0"),
+    "nan": ("train.weight_decay=.nan", "train.weight_decay", ">= 0"),
+    "bad-crop-size": ("data.crop_size=[0,32]", "data.crop_size", ">= 1"),
+    "reversed-scale-range": ("data.scale_range=[2,1]", "data.scale_range", "low <= high"),
+    "no-eval-scales": ("eval.scales=[]", "eval.scales", "non-empty"),
+    "eval-stride-beyond-window": ("eval.stride=[64,64]", "eval.stride", "[32, 32]"),
+    "bad-device": ("train.device=gpu", "train.device", "cuda"),
+    "zero-code-channels": ("autoencoder.code_channels=0", "autoencoder.code_channels", ">= 1"),
+}
+
+
+def _config_without_files(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A distillation config whose data root and checkpoints do not exist: a config error
+    must be reported before any of them is looked at."""
+    from conftest import tiny_config, write_config
+
+    missing = {name: tmp_path / "missing" / name for name in ("data", "teacher.pt", "autoencoder.pt")}
+    config = tiny_config(
+        tmp_path / "runs", "bad",
+        data={"name": "folder", "root": str(missing["data"]), "options": {}},
+        teacher={"checkpoint": str(missing["teacher.pt"])},
+        autoencoder={"checkpoint": str(missing["autoencoder.pt"]), "code_channels": 4},
+    )
+    return write_config(tmp_path / "distill.yaml", config), missing
+
+
+def _run_distill(argv: list[str], capsys) -> tuple[int, list[str], str]:
+    from kaseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--config", *argv])
+    err = capsys.readouterr().err
+    return exit_info.value.code, [line for line in err.splitlines() if line.startswith("kaseg distill: error:")], err
+
+
+def test_without_a_config_error_the_missing_files_are_what_fails(tmp_path, capsys):
+    # The reference for the test below: this config is valid, so distill goes on to the
+    # data set and stops there.
+    path, missing = _config_without_files(tmp_path)
+    code, errors, err = _run_distill([str(path)], capsys)
+    assert code == 2 and len(errors) == 1 and str(missing["data"]) in errors[0]
+
+
+@pytest.mark.parametrize("error", CONFIG_ERRORS, ids=str)
+def test_config_errors_are_one_line_before_any_file_is_read(tmp_path, capsys, error):
+    override, key, valid = CONFIG_ERRORS[error]
+    path, missing = _config_without_files(tmp_path)
+    code, errors, err = _run_distill([str(path), override], capsys)
+    assert code == 2
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    message = errors[0]
+    assert key in message and valid in message, message
+    assert not any(str(p) in message for p in missing.values())
+    assert not (tmp_path / "runs").exists()  # no run folder: nothing was started
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~3 s idle, ~12 s on a loaded machine
+def test_the_unknown_loss_of_the_issue_prints_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kaseg.cli", "distill", "--config", str(CONFIGS / "shapes" / "distill.yaml"),
+         f"output_dir={tmp_path}", "distill.losses=[{name: nosuchloss, weight: 1}]"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "kaseg distill: error: distill.losses[0].name: unknown distillation loss 'nosuchloss'; valid: "
+        + ", ".join(__import__("kaseg.distill", fromlist=["LOSSES"]).LOSSES.names())
+    ]
+    assert not any(tmp_path.iterdir())
+
+
+def test_loss_checks_draw_no_random_numbers():
+    import torch
+
+    from kaseg.distill import LOSSES
+    from kaseg.distill.losses import check_loss_specs
+
+    state = torch.get_rng_state()
+    specs = check_loss_specs([{"name": name, "key": name} for name in LOSSES.names()])
+    assert [s.name for s in specs] == LOSSES.names()
+    assert torch.equal(torch.get_rng_state(), state)

@@ -202,3 +202,81 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     assert validation["pixels"] == 7 * 64 * 64
     single_logs = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [e for e in single_logs if e["split"] == "val"][-1]["pixels"] == 7 * 64 * 64
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from kaseg.engine.trainer import _rng_state, _set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    save_checkpoint({"arch": {}, "model": {}, "rng": _rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # raises if any entry needs unpickling code
+    _set_rng_state(state["rng"])
+    again = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
+
+
+def test_training_state_of_every_optimizer_and_scaler_reads_weights_only(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, "adamw", train={"iterations": 2, "optimizer": "adamw", "warmup_iterations": 1, "grad_clip": 1.0},
+    ))
+    train_segmenter(load_config(path), progress=False)
+    state = torch.load(tmp_path / "adamw" / "checkpoints" / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng", "config", "metrics"} <= state.keys()
+    assert all("exp_avg" in s for s in state["optimizer"]["state"].values())
+    # The fp16 grad scaler's state (the trainer enables it on CUDA only; its state has the same types).
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale(weight.sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    save_checkpoint({"arch": {}, "model": {}, "scaler": scaler.state_dict()}, tmp_path / "scaler.pt")
+    assert load_checkpoint(tmp_path / "scaler.pt")["scaler"] == scaler.state_dict()
+
+
+# Layers, bottom to top; a module may import its own layer and the ones below it.
+LAYERS = (
+    ("kaseg.registry", "kaseg.config"),
+    ("kaseg.data", "kaseg.models", "kaseg.distill", "kaseg.engine"),
+    ("kaseg.stages",),
+    ("kaseg.tools", "kaseg.cli"),
+)
+# The one exception: validate_config (run by load_config) asks the registries of models,
+# data sets and losses whether the names in a config exist, inside the function.
+UPWARD_ALLOWED = {("kaseg.config", "kaseg.data"), ("kaseg.config", "kaseg.models"), ("kaseg.config", "kaseg.distill")}
+
+
+def _layer(module: str) -> tuple[int, str] | None:
+    for index, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or module.startswith(name + "."):
+                return index, name
+    return None
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    import ast
+
+    upward = []
+    for path in sorted((REPO / "kaseg").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports too
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                source, destination = _layer(module), _layer(target)
+                if source and destination and destination[0] > source[0]:
+                    if (source[1], destination[1]) not in UPWARD_ALLOWED:
+                        upward.append(f"{module} imports {target} (line {node.lineno})")
+    assert not upward

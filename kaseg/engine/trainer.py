@@ -1,17 +1,20 @@
 """The one training loop of kaseg, shared by every stage.
 
-Lifecycle of :func:`fit`:
+Lifecycle of :func:`fit`, one function per step:
 
-1. move the job's modules to the device (channels_last, SyncBatchNorm, DDP, compile as
+1. ``_prepare``: move the job's modules to the device (channels_last, SyncBatchNorm as
    configured) and build the optimizer, the poly schedule and the AMP grad scaler;
-2. when resuming, restore the trainable weights, optimizer, scheduler, scaler, RNG
+2. ``_restore``, when resuming: the trainable weights, optimizer, scheduler, scaler, RNG
    states and the iteration (which fixes the data position, see ``kaseg.data.loader``);
-3. each iteration: ``losses = job.module(images, masks)`` (a dict of named, already
-   weighted loss terms), their sum is back-propagated; a non-finite term stops the run
-   before any weight or checkpoint changes;
-4. every ``log_every`` iterations: progress bar, metrics.jsonl, TensorBoard; every
-   ``eval_every`` and at the end: ``job.evaluate()``, keeping ``best.pt``; every
-   ``checkpoint_every`` and at the end: ``last.pt``.
+   then ``_wrap`` puts the module in DDP and ``torch.compile`` as configured;
+3. ``_train_step``, each iteration: ``losses = job.module(images, masks)`` (a dict of
+   named, already weighted loss terms), their sum is back-propagated; a non-finite term
+   stops the run before any weight or checkpoint changes;
+4. every ``log_every`` iterations ``_ProgressLog.log`` (progress bar, metrics.jsonl,
+   TensorBoard); every ``eval_every`` and at the end ``_evaluate_and_keep_best``
+   (``job.evaluate()``, keeping ``best.pt``);
+5. ``_save``, every ``checkpoint_every`` and at the end: ``last.pt``, holding only
+   tensors and plain data so that it reads back with ``weights_only=True``.
 
 What differs between stages (teacher or student with cross-entropy, the auto-encoder,
 distillation) is only the :class:`TrainingJob`.
@@ -37,7 +40,7 @@ from tqdm import tqdm
 
 from kaseg.config import Config, to_dict
 from kaseg.data.loader import train_loader
-from kaseg.engine.checkpoint import check_arch, load_checkpoint, save_checkpoint
+from kaseg.engine.checkpoint import CheckpointError, check_arch, load_checkpoint, save_checkpoint
 from kaseg.engine.distributed import convert_sync_batchnorm, is_main_process, rank, world_size
 from kaseg.engine.logger import RunLogger
 from kaseg.engine.schedule import poly_lr
@@ -91,9 +94,18 @@ def configure_determinism(deterministic: bool) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch (and CUDA) RNG states as tensors and plain data, so that a
+    checkpoint holding them reads with ``torch.load(weights_only=True)``."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -103,7 +115,14 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["bit_generator"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["pos"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,6 +169,22 @@ class _Averager:
         return means
 
 
+@dataclass
+class _Loop:
+    """What :func:`fit` trains with, and how far it has got."""
+
+    module: nn.Module  # job.module on the device
+    forward: nn.Module | Callable  # module, wrapped in DDP and/or compiled as configured
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: dict[str, Any]  # torch.autocast arguments
+    start: int = 0  # the last finished iteration (0: a fresh run)
+    best: float = -math.inf  # the best job.best_metric so far
+    metrics: dict[str, Any] | None = None  # of the last evaluation
+
+
 def fit(
     job: TrainingJob,
     config: Config,
@@ -158,13 +193,51 @@ def fit(
     device: torch.device,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains ``job`` for ``config.train.iterations``; returns the final evaluation metrics."""
+    """Trains ``job`` for ``config.train.iterations``; returns the final evaluation metrics.
+
+    The steps follow the lifecycle in the module docstring.
+    """
     train = config.train
-    run_dir = config.run_dir
-    checkpoints = run_dir / "checkpoints"
     main = is_main_process()
     resume_from = resolve_resume(config)
+    loop = _prepare(job, config, device)
+    saved_metrics = None
+    if resume_from is not None:
+        saved_metrics = _restore(loop, job, resume_from)
+        if main:
+            logger.info("resumed from %s at iteration %d", resume_from, loop.start)
+    loop.forward = _wrap(loop.module, config, device)
 
+    batches = iter(train_loader(
+        train_dataset,
+        batch_size=config.data.batch_size,
+        seed=config.seed,
+        start_iteration=loop.start,
+        workers=config.data.workers,
+        rank=rank(),
+        world_size=world_size(),
+        pin_memory=device.type == "cuda",
+    ))
+    progress_log = _ProgressLog(config, initial=loop.start, show=progress and main)
+    loop.module.train()
+    for iteration in range(loop.start + 1, train.iterations + 1):
+        images, masks = next(batches)
+        values = _train_step(loop, images, masks, iteration, config, device)
+        progress_log.add(values)
+        if iteration % train.log_every == 0 or iteration == train.iterations:
+            progress_log.log(iteration, lr=loop.optimizer.param_groups[0]["lr"])
+        if iteration == train.iterations or (train.eval_every > 0 and iteration % train.eval_every == 0):
+            _evaluate_and_keep_best(loop, job, config, iteration, progress_log)
+        if main and (iteration % train.checkpoint_every == 0 or iteration == train.iterations):
+            _save(loop, job, config, "last.pt", iteration)
+    progress_log.close()
+    # A resumed run that had already finished trains nothing and returns its saved metrics.
+    return loop.metrics if loop.metrics is not None else (saved_metrics or {})
+
+
+def _prepare(job: TrainingJob, config: Config, device: torch.device) -> _Loop:
+    """Step 1: the job's modules on the device; optimizer, poly schedule and AMP scaler."""
+    train = config.train
     module = job.module.to(device)
     if train.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -180,130 +253,162 @@ def fit(
         warmup_factor=train.warmup_factor,
     )
     use_cuda_amp = device.type == "cuda" and train.amp != "off"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp and train.amp == "fp16")
-    amp_dtype = torch.float16 if train.amp == "fp16" else torch.bfloat16
+    return _Loop(
+        module=module,
+        forward=module,
+        parameters=parameters,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_cuda_amp and train.amp == "fp16"),
+        autocast=dict(
+            device_type=device.type,
+            dtype=torch.float16 if train.amp == "fp16" else torch.bfloat16,
+            enabled=use_cuda_amp,
+        ),
+    )
 
-    start, best = 0, -math.inf
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        check_arch(state["arch"], job.export.arch, resume_from)
-        job.trainable.load_state_dict(state.get("trainable", state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start, best = state["iteration"], state["best"]
-        if main:
-            logger.info("resumed from %s at iteration %d", resume_from, start)
 
+def _restore(loop: _Loop, job: TrainingJob, path: Path) -> dict[str, Any] | None:
+    """Step 2: weights, optimizer, scheduler, scaler, RNG states and the iteration of ``path``;
+    returns the metrics saved with it."""
+    state = load_checkpoint(path)
+    missing = [key for key in ("optimizer", "scheduler", "scaler", "rng", "iteration") if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: it holds weights but no training state ({', '.join(missing)}); "
+            "resume from the last.pt of a kaseg run"
+        )
+    check_arch(state["arch"], job.export.arch, path)
+    job.trainable.load_state_dict(state.get("trainable", state["model"]))
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    loop.start, loop.best = state["iteration"], state["best"]
+    return state.get("metrics")
+
+
+def _wrap(module: nn.Module, config: Config, device: torch.device) -> nn.Module | Callable:
+    """DistributedDataParallel over several processes, then torch.compile when configured."""
     forward = module
     if world_size() > 1:
-        forward = DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if train.compile:
+        forward = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.train.compile:
         forward = torch.compile(forward)
+    return forward
 
-    def save(path: Path, iteration: int, metrics: dict[str, Any] | None) -> None:
-        state = {
-            "arch": job.export.arch,
-            "model": job.export.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iteration": iteration,
-            "best": best,
-            "best_metric": job.best_metric,
-            "metrics": metrics,
-            "rng": _rng_state(),
-            "config": to_dict(config),
-        }
-        if job.trainable is not job.export:
-            state["trainable"] = job.trainable.state_dict()
-        save_checkpoint(state, path)
 
-    run_log = RunLogger(run_dir, enabled=main)
-    loader = train_loader(
-        train_dataset,
-        batch_size=config.data.batch_size,
-        seed=config.seed,
-        start_iteration=start,
-        workers=config.data.workers,
-        rank=rank(),
-        world_size=world_size(),
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
-    averager = _Averager()
-    bar = tqdm(
-        total=train.iterations, initial=start, desc=config.name, disable=not (progress and main),
-        dynamic_ncols=True,
-    )
-    metrics: dict[str, Any] = {}
-    tick = time.perf_counter()
-    module.train()
-    for iteration in range(start + 1, train.iterations + 1):
-        images, masks = next(batches)
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        if train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda_amp):
-            losses = forward(images, masks)
-        total = sum(losses.values())
-        values = {name: float(value.detach()) for name, value in losses.items()}
-        bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {iteration}: {', '.join(bad)}; weights and "
-                f"checkpoints were left as they were (last good: {checkpoints / 'last.pt'})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if train.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        averager.add({"loss": float(total.detach()), **values})
-        bar.update(1)
+def _train_step(
+    loop: _Loop, images: torch.Tensor, masks: torch.Tensor, iteration: int, config: Config, device: torch.device
+) -> dict[str, float]:
+    """Step 3: one optimizer step on the sum of the job's loss terms; returns their values.
 
-        if iteration % train.log_every == 0 or iteration == train.iterations:
-            elapsed = time.perf_counter() - tick
-            logged = averager.count
-            means = averager.pop()
-            means.update(lr=optimizer.param_groups[0]["lr"], it_per_s=logged / max(elapsed, 1e-9))
-            tick = time.perf_counter()
-            bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "it_per_s"})
-            run_log.log(iteration, "train", means)
-
-        evaluate_now = iteration == train.iterations or (
-            train.eval_every > 0 and iteration % train.eval_every == 0
+    A non-finite term raises before any weight changes.
+    """
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    if config.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(**loop.autocast):
+        losses = loop.forward(images, masks)
+    total = sum(losses.values())
+    values = {name: float(value.detach()) for name, value in losses.items()}
+    bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration}: {', '.join(bad)}; weights and checkpoints "
+            f"were left as they were (last good: {config.run_dir / 'checkpoints' / 'last.pt'})"
         )
-        if evaluate_now:
-            metrics = job.evaluate()
-            if main and job.pictures is not None and run_log.writer is not None:
-                picture = job.pictures()
-                if picture is not None:
-                    run_log.log_image(iteration, "val/predictions", picture)
-            module.train()
-            score = metrics.get(job.best_metric)
-            run_log.log(iteration, "val", metrics)
-            if main:
-                # stderr, like the bar: stdout stays clean for --json output.
-                bar.write(f"[{config.name}] iteration {iteration}: " + _summary(metrics), file=sys.stderr)
-            if score is not None and score > best:
-                best = score
-                if main:
-                    save(checkpoints / "best.pt", iteration, metrics)
-        if main and (iteration % train.checkpoint_every == 0 or iteration == train.iterations):
-            save(checkpoints / "last.pt", iteration, metrics or None)
-    bar.close()
-    run_log.close()
-    if not metrics and start >= train.iterations and resume_from is not None:
-        metrics = load_checkpoint(resume_from).get("metrics") or {}
-    return metrics
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(total).backward()
+    if config.train.grad_clip is not None:
+        loop.scaler.unscale_(loop.optimizer)
+        torch.nn.utils.clip_grad_norm_(loop.parameters, config.train.grad_clip)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.scheduler.step()
+    return {"loss": float(total.detach()), **values}
+
+
+class _ProgressLog:
+    """Step 4's outputs: the progress bar, metrics.jsonl and TensorBoard (rank 0 writes)."""
+
+    def __init__(self, config: Config, *, initial: int, show: bool) -> None:
+        self.name = config.name
+        self.run_log = RunLogger(config.run_dir, enabled=is_main_process())
+        self.bar = tqdm(
+            total=config.train.iterations, initial=initial, desc=config.name, disable=not show, dynamic_ncols=True
+        )
+        self.averager = _Averager()
+        self.tick = time.perf_counter()
+
+    def add(self, values: dict[str, float]) -> None:
+        self.averager.add(values)
+        self.bar.update(1)
+
+    def log(self, iteration: int, *, lr: float) -> None:
+        """The mean of each term since the last call, the learning rate and iterations per second."""
+        elapsed = time.perf_counter() - self.tick
+        logged = self.averager.count
+        means = self.averager.pop()
+        means.update(lr=lr, it_per_s=logged / max(elapsed, 1e-9))
+        self.tick = time.perf_counter()
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k != "it_per_s"})
+        self.run_log.log(iteration, "train", means)
+
+    def log_evaluation(self, iteration: int, metrics: dict[str, Any], picture: np.ndarray | None) -> None:
+        if picture is not None:
+            self.run_log.log_image(iteration, "val/predictions", picture)
+        self.run_log.log(iteration, "val", metrics)
+        if is_main_process():
+            # stderr, like the bar: stdout stays clean for --json output.
+            self.bar.write(f"[{self.name}] iteration {iteration}: " + _summary(metrics), file=sys.stderr)
+
+    @property
+    def draws_pictures(self) -> bool:
+        return self.run_log.writer is not None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.run_log.close()
+
+
+def _evaluate_and_keep_best(
+    loop: _Loop, job: TrainingJob, config: Config, iteration: int, progress_log: _ProgressLog
+) -> None:
+    """Step 4: ``job.evaluate()`` on every process, logged; a new best score writes ``best.pt``."""
+    loop.metrics = job.evaluate()
+    picture = None
+    if is_main_process() and job.pictures is not None and progress_log.draws_pictures:
+        picture = job.pictures()
+    loop.module.train()
+    progress_log.log_evaluation(iteration, loop.metrics, picture)
+    score = loop.metrics.get(job.best_metric)
+    if score is not None and score > loop.best:
+        loop.best = score
+        if is_main_process():
+            _save(loop, job, config, "best.pt", iteration)
+
+
+def _save(loop: _Loop, job: TrainingJob, config: Config, name: str, iteration: int) -> None:
+    """Step 5: the deployable model, the training state and the config, as tensors and plain
+    data (readable with ``weights_only=True``), atomically to ``checkpoints/<name>``."""
+    state = {
+        "arch": job.export.arch,
+        "model": job.export.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "iteration": iteration,
+        "best": loop.best,
+        "best_metric": job.best_metric,
+        "metrics": loop.metrics or None,
+        "rng": _rng_state(),
+        "config": to_dict(config),
+    }
+    if job.trainable is not job.export:
+        state["trainable"] = job.trainable.state_dict()
+    save_checkpoint(state, config.run_dir / "checkpoints" / name)
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -11,7 +11,10 @@ import socket
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn as nn
+
+from kaseg.engine.checkpoint import CheckpointError, load_state_dict_file
 
 VALID_OUTPUT_STRIDES = (8, 16, 32)
 
@@ -74,7 +77,9 @@ def create_backbone(
         output_stride: 8, 16 or 32; timm turns the strides below it into dilation.
         pretrained: ``False`` for random initialisation, ``True`` for timm's published
             weights (downloaded from the Hugging Face hub or read from its cache), or the
-            path of a local checkpoint of the timm model.
+            path of a local checkpoint of the timm model (``.safetensors``, or a torch
+            file of tensors and plain data: see
+            :func:`kaseg.engine.checkpoint.load_state_dict_file`).
         out_indices: which feature levels the backbone returns (1 is stride 4, 4 is the
             last stage).
 
@@ -91,7 +96,7 @@ def create_backbone(
                 f"pretrained weights file {str(path)!r} for backbone {name!r} does not exist"
             )
         return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+            name, pretrained=True, pretrained_cfg_overlay={"state_dict": _read_weights(path, name)}, **kwargs
         )
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -100,7 +105,7 @@ def create_backbone(
         # Load the cached file directly: going through the hub would first ask the
         # network for a newer revision, which offline costs a minute of retries.
         return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs
+            name, pretrained=True, pretrained_cfg_overlay={"state_dict": _read_weights(Path(cached), name)}, **kwargs
         )
     if not _hub_reachable():
         raise PretrainedWeightsError(
@@ -115,6 +120,16 @@ def create_backbone(
         raise PretrainedWeightsError(
             f"could not load pretrained weights for backbone {name!r}: {error}"
         ) from error
+
+
+def _read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, read without running code (safetensors, or torch's
+    ``weights_only=True``). timm gets the tensors, never the file, so how a given timm
+    version would read the file does not matter."""
+    try:
+        return load_state_dict_file(path)
+    except CheckpointError as error:
+        raise PretrainedWeightsError(f"pretrained weights for backbone {name!r}: {error}") from None
 
 
 def _cached_weights_file(name: str) -> str | None:
