@@ -236,6 +236,147 @@ def test_pairwise_zero_for_identical_features(pool):
     assert pairwise_distillation_loss(features, features, pool=pool).item() == pytest.approx(0, abs=1e-7)
 
 
+# The peers' variants: pair-wise nodes by max pooling (SKD, CIRKD), KD at native resolution.
+# kaseg's kd and affinity compute in float32: compared with float64 formulas at float32 precision.
+FLOAT32 = dict(rtol=1e-5, atol=1e-7)
+
+
+def skd_pairwise(feat_s, feat_t, scale=0.5):
+    """SKD's code on one grid (irfanICMLL/structure_knowledge_distillation,
+    utils/criterion.py CriterionPairWiseforWholeFeatAfterPool + utils/utils.py
+    sim_dis_compute), written out: max-pool with kernel int(scale * size), ceil mode;
+    norms + 1e-8, detached; sum of squared differences / N^2 / B."""
+    kernel = (int(feat_t.shape[2] * scale), int(feat_t.shape[3] * scale))
+    feat_s, feat_t = (F.max_pool2d(f, kernel, stride=kernel, ceil_mode=True) for f in (feat_s, feat_t))
+
+    def similarity(feat):
+        norm = (feat.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-8).detach()
+        feat = (feat / norm).flatten(2)
+        return torch.einsum("icm,icn->imn", feat, feat)
+
+    positions = feat_t.shape[-1] * feat_t.shape[-2]
+    return ((similarity(feat_t) - similarity(feat_s)) ** 2 / positions**2 / feat_t.shape[0]).sum()
+
+
+def cirkd_pairwise(feat_s, feat_t):
+    """CIRKD's code (winycg/CIRKD, losses/skd.py CriterionStructuralKD), written out: a
+    fixed 2 x 2 max-pool, ceil mode; F.normalize; mean of the squared differences."""
+    feat_s, feat_t = (F.normalize(F.max_pool2d(f, 2, stride=2, ceil_mode=True), dim=1) for f in (feat_s, feat_t))
+    gram_s, gram_t = (f.flatten(2).transpose(1, 2) @ f.flatten(2) for f in (feat_s, feat_t))
+    return ((gram_s - gram_t) ** 2).mean()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 10), (1, 4, 9, 7), (2, 3, 5, 5)])
+def test_pairwise_skd_nodes_match_skd_code(shape):
+    torch.manual_seed(20)
+    student, teacher = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(
+        pairwise_distillation_loss(student, teacher, nodes="skd").double(), skd_pairwise(student, teacher), **FLOAT32
+    )
+    # scale 0.25: 4 x 4 nodes on a 16 x 12 grid
+    student, teacher = torch.randn(1, 5, 16, 12, dtype=torch.float64), torch.randn(1, 5, 16, 12, dtype=torch.float64)
+    torch.testing.assert_close(
+        pairwise_distillation_loss(student, teacher, nodes="skd", scale=0.25).double(),
+        skd_pairwise(student, teacher, scale=0.25),
+        **FLOAT32,
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 10), (1, 4, 9, 7)])
+def test_pairwise_cirkd_nodes_match_cirkd_code_values_and_gradients(shape):
+    torch.manual_seed(21)
+    student = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(shape, dtype=torch.float64)
+    student_ref = student.detach().clone().requires_grad_(True)
+    loss, reference = pairwise_distillation_loss(student, teacher, nodes="cirkd"), cirkd_pairwise(student_ref, teacher)
+    torch.testing.assert_close(loss.double(), reference, **FLOAT32)
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(student.grad, student_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pairwise_max_nodes_pool_a_finer_teacher_first():
+    torch.manual_seed(22)
+    student, teacher = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(2, 7, 12, 10, dtype=torch.float64)
+    pooled = naive_adaptive_pool(teacher, (6, 5))
+    for nodes, reference in (("skd", skd_pairwise), ("cirkd", cirkd_pairwise)):
+        torch.testing.assert_close(
+            pairwise_distillation_loss(student, teacher, nodes=nodes).double(), reference(student, pooled), **FLOAT32
+        )
+
+
+def cirkd_kd(pred, soft, temperature):
+    """CIRKD's code (winycg/CIRKD, losses/kd.py CriterionKD), written out."""
+    classes = soft.shape[1]
+    log_p_s = F.log_softmax(pred.permute(0, 2, 3, 1).reshape(-1, classes) / temperature, dim=1)
+    p_t = F.softmax(soft.permute(0, 2, 3, 1).reshape(-1, classes) / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature**2
+
+
+def skd_pixel_wise(pred_s, pred_t):
+    """SKD's code (utils/criterion.py CriterionPixelWise), written out: the cross-entropy
+    summed over all pixels of all images, divided by h * w."""
+    classes, height, width = pred_s.shape[1:]
+    p_t = F.softmax(pred_t.permute(0, 2, 3, 1).reshape(-1, classes), dim=1)
+    log_p_s = F.log_softmax(pred_s.permute(0, 2, 3, 1).reshape(-1, classes), dim=1)
+    return (-p_t * log_p_s).sum() / width / height
+
+
+def native_inputs(student_native, teacher_native, size=(16, 16)):
+    batch, classes = student_native.shape[:2]
+    return DistillInputs(
+        student_logits=torch.randn(batch, classes, *size, dtype=torch.float64),
+        student_features=torch.randn(batch, 4, *student_native.shape[-2:]),
+        teacher_logits=torch.randn(batch, classes, *size, dtype=torch.float64),
+        teacher_features=torch.randn(batch, 4, *teacher_native.shape[-2:]),
+        masks=torch.full((batch, *size), 255),  # native KD uses every pixel, as the peers do
+        student_native_logits=student_native,
+        teacher_native_logits=teacher_native,
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_kd_native_matches_cirkd_and_skd_code(temperature):
+    torch.manual_seed(23)
+    student = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    module = LOSSES.get("kd")(FeatureDims(4, 4, 4, 5), temperature=temperature, resolution="native")
+    assert module.needs_native_logits
+    student_ref = student.detach().clone().requires_grad_(True)
+    loss, reference = module(native_inputs(student, teacher)), cirkd_kd(student_ref, teacher, temperature)
+    torch.testing.assert_close(loss.double(), reference, **FLOAT32)
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(student.grad, student_ref.grad, rtol=1e-4, atol=1e-7)
+
+    if temperature == 1.0:  # SKD: B x (KL + the teacher's mean entropy), same gradient / B
+        skd_ref = student.detach().clone().requires_grad_(True)
+        skd = skd_pixel_wise(skd_ref, teacher)
+        p_t = torch.softmax(teacher, dim=1)
+        entropy = -(p_t * p_t.log()).sum(1).mean()
+        torch.testing.assert_close(skd / 2, loss.detach().double() + entropy, **FLOAT32)
+        skd.backward()
+        torch.testing.assert_close(skd_ref.grad / 2, student.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_kd_native_resizes_a_finer_teacher_bilinearly_and_needs_native_logits():
+    torch.manual_seed(24)
+    student, teacher = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    module = LOSSES.get("kd")(FeatureDims(4, 4, 4, 3), resolution="native")
+    resized = F.interpolate(teacher, size=(4, 4), mode="bilinear", align_corners=False)
+    loss = module(native_inputs(student, teacher))
+    torch.testing.assert_close(loss.double(), cirkd_kd(student, resized, 1.0), **FLOAT32)
+    inputs = make_inputs(torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="needs DistillInputs.student_native_logits"):
+        module(inputs)
+    # The input-size form (the default) is unchanged.
+    default = LOSSES.get("kd")(FeatureDims(4, 4, 4, 3))
+    assert not default.needs_native_logits
+    torch.testing.assert_close(
+        default(inputs), logit_kd_loss(inputs.student_logits, inputs.teacher_logits, inputs.masks)
+    )
+
+
 # cwd
 
 
@@ -292,6 +433,10 @@ def test_cwd_module_on_logits_and_on_features():
         ({"name": "pairwise", "pool": 0}, "pool must be an integer >= 1"),
         ({"name": "pairwise", "pool": 1.5}, "pool must be an integer >= 1"),
         ({"name": "kd", "T": 2}, r"no parameter\(s\) \['T'\]; valid: .*'temperature'"),
+        ({"name": "kd", "resolution": "full"}, r"kd resolution must be one of \['input', 'native'\]"),
+        ({"name": "pairwise", "nodes": "min"}, r"pairwise nodes must be one of \['avg', 'skd', 'cirkd'\]"),
+        ({"name": "pairwise", "nodes": "skd", "scale": 0}, r"scale must be a number in \(0, 1\]"),
+        ({"name": "pairwise", "scale": 1.5}, r"scale must be a number in \(0, 1\]"),
     ],
 )
 def test_parameter_errors(spec, match):
@@ -320,17 +465,21 @@ def test_baselines_train_with_the_distiller():
     dims = FeatureDims(student.feature_channels, teacher.feature_channels, teacher.feature_channels, 4)
     specs = [
         {"name": "kd", "weight": 1, "temperature": 2},
+        {"name": "kd", "resolution": "native", "key": "kd_native"},
         {"name": "cwd", "on": "features"},
         {"name": "fitnet"},
         {"name": "pairwise"},
+        {"name": "pairwise", "nodes": "skd", "key": "pairwise_skd"},
+        {"name": "pairwise", "nodes": "cirkd", "key": "pairwise_cirkd"},
     ]
     distiller = Distiller(teacher, student, encoder=None, losses=build_losses(specs, dims)).train()
     assert distiller.adapter is None  # none of these needs the teacher code
+    assert distiller.needs_native_logits
 
     masks = torch.randint(0, 4, (2, 64, 64))
     masks[:, :8] = 255
     losses = distiller(torch.randn(2, 3, 64, 64), masks)
-    assert set(losses) == {"ce", "kd", "cwd", "fitnet", "pairwise"}
+    assert set(losses) == {"ce", "kd", "kd_native", "cwd", "fitnet", "pairwise", "pairwise_skd", "pairwise_cirkd"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     sum(losses.values()).backward()
 

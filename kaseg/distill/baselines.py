@@ -3,10 +3,14 @@
 Each method is a plain function (the formula) plus a small registered loss module that
 picks its inputs out of :class:`DistillInputs`:
 
-* ``kd``: pixel-wise logit distillation (Hinton et al., 2015),
+* ``kd``: pixel-wise logit distillation (Hinton et al., 2015), on the logits at the
+  input size or, as CIRKD's and SKD's code do, at their native resolution,
 * ``fitnet``: feature mimicking through a 1x1 adapter (Romero et al., ICLR 2015),
-* ``pairwise``: pair-wise similarity distillation (Liu et al., CVPR 2019),
+* ``pairwise``: pair-wise similarity distillation (Liu et al., CVPR 2019), with nodes
+  average-pooled or max-pooled as in SKD's or CIRKD's code,
 * ``cwd``: channel-wise distillation (Shu et al., ICCV 2021).
+
+The relational methods (DIST, CIRKD, IFVD) are in :mod:`kaseg.distill.relational`.
 
 The teacher's tensors are targets: every function detaches them, so gradients reach
 the student (and the loss's own adapter) only.
@@ -26,6 +30,13 @@ from kaseg.distill.functional import affinity_loss
 from kaseg.distill.losses import LOSSES, DistillInputs, DistillLoss, FeatureDims
 
 CWD_SOURCES = ("logits", "features")
+LOGIT_RESOLUTIONS = ("input", "native")
+PAIRWISE_NODES = ("avg", "skd", "cirkd")
+
+
+def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -49,6 +60,25 @@ def _teacher_on_grid(
     if mode == "bilinear":
         return F.interpolate(teacher, size=size, mode="bilinear", align_corners=False)
     return F.adaptive_avg_pool2d(teacher, size)
+
+
+def _check_scale(scale: float) -> None:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= 1):
+        raise ValueError(f"scale must be a number in (0, 1] (the node size as a fraction of the map), got {scale!r}")
+
+
+def logit_pair(inputs: DistillInputs, resolution: Literal["input", "native"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's logits at the input size (``input``) or on their
+    own feature grids before upsampling (``native``; the teacher's grid may be finer, the
+    loss resizes it)."""
+    if resolution == "input":
+        return inputs.student_logits, inputs.teacher_logits
+    if inputs.student_native_logits is None or inputs.teacher_native_logits is None:
+        raise ValueError(
+            "resolution 'native' needs DistillInputs.student_native_logits and teacher_native_logits; the "
+            "Distiller fills them for losses with needs_native_logits = True"
+        )
+    return inputs.student_native_logits, inputs.teacher_native_logits
 
 
 def _check_batch_and_channels(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
@@ -117,37 +147,70 @@ def feature_mimic_loss(adapted_student: torch.Tensor, teacher_features: torch.Te
     return F.mse_loss(adapted_student.float(), teacher.float())
 
 
+def _pairwise_nodes(
+    features: torch.Tensor, nodes: Literal["avg", "skd", "cirkd"], pool: int, scale: float
+) -> torch.Tensor:
+    """The node features of pair-wise distillation, B x C x h' x w' (see below)."""
+    if nodes == "avg":
+        return F.avg_pool2d(features, pool, stride=pool, ceil_mode=True)
+    if nodes == "cirkd":
+        return F.max_pool2d(features, pool, stride=pool, ceil_mode=True)
+    kernel = tuple(max(1, int(size * scale)) for size in features.shape[-2:])
+    return F.max_pool2d(features, kernel, stride=kernel, ceil_mode=True)
+
+
 def pairwise_distillation_loss(
-    student_features: torch.Tensor, teacher_features: torch.Tensor, *, pool: int = 2
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    *,
+    pool: int = 2,
+    nodes: Literal["avg", "skd", "cirkd"] = "avg",
+    scale: float = 0.5,
 ) -> torch.Tensor:
     """Pair-wise distillation (Liu et al., CVPR 2019, "Structured Knowledge Distillation
     for Semantic Segmentation").
 
     The teacher's map is first summarised on the student's grid (adaptive average
-    pooling, as for the other feature losses), then both are average-pooled into nodes of
-    ``pool x pool`` positions, in ceil mode: a grid of ``ceil(h / pool) x ceil(w / pool)``
-    nodes whose border nodes average the positions they cover (a grid smaller than
-    ``pool`` is one node). Student and teacher nodes thus cover the same image regions,
-    and
+    pooling, as for the other feature losses), then both are pooled into nodes, so that
+    student and teacher nodes cover the same image regions, and
 
     ``L_pa = 1/N^2 * sum_{i,j} (cos_s(i, j) - cos_t(i, j))^2``
 
     over all pairs of the N nodes, averaged over the batch; see
-    :func:`kaseg.distill.functional.affinity_loss`.
+    :func:`kaseg.distill.functional.affinity_loss`. The nodes:
+
+    * ``avg`` (kaseg's default): average pooling of ``pool x pool`` positions in ceil
+      mode, a grid of ``ceil(h / pool) x ceil(w / pool)`` nodes whose border nodes average
+      the positions they cover (a grid smaller than ``pool`` is one node).
+    * ``skd``: as SKD's code (irfanICMLL/structure_knowledge_distillation,
+      ``utils/criterion.py`` CriterionPairWiseforWholeFeatAfterPool): max pooling, ceil
+      mode, with kernel = stride = ``(int(h * scale), int(w * scale))`` (truncated, as
+      ``int()`` there; at least 1), i.e. 2 x 2 nodes at the default ``scale`` 0.5 on an
+      even grid (3 on an odd side: the remainder row/column is a node of its own). SKD's
+      ``similarity`` divides by a detached norm + 1e-8, so its gradients differ from the
+      ones here (which differentiate through the normalisation); the values agree.
+    * ``cirkd``: as CIRKD's code (winycg/CIRKD, ``losses/skd.py``
+      CriterionStructuralKD): max pooling of ``pool x pool`` (fixed 2 x 2 there, the
+      default ``pool``), ceil mode, then ``F.normalize`` and the mean over B x N x N.
 
     Args:
         student_features: F_s, B x C_s x h x w (raw, no adapter).
         teacher_features: F_t, B x C_t x h_t x w_t; channel counts may differ.
-        pool: the node size on the student's grid, >= 1 (1 keeps every position).
+        pool: the node size on the student's grid for ``avg`` and ``cirkd``, >= 1 (1
+            keeps every position).
+        nodes: ``avg``, ``skd`` or ``cirkd``, as above.
+        scale: the node size as a fraction of the grid for ``skd``, in (0, 1].
     """
     _check_pool(pool)
+    _check_choice("pairwise nodes", nodes, PAIRWISE_NODES)
+    _check_scale(scale)
     if student_features.shape[0] != teacher_features.shape[0]:
         raise ValueError(
             f"student {tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)} "
             "features must have the same batch size"
         )
     teacher = _teacher_on_grid(teacher_features, student_features.shape[-2:], mode="pool")
-    student, teacher = (F.avg_pool2d(x, pool, stride=pool, ceil_mode=True) for x in (student_features, teacher))
+    student, teacher = (_pairwise_nodes(x, nodes, pool, scale) for x in (student_features, teacher))
     return affinity_loss(student, teacher)
 
 
@@ -179,17 +242,36 @@ def channel_wise_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, *, t
 
 @LOSSES.register("kd")
 class LogitDistillationLoss(DistillLoss):
-    """Pixel-wise KD on the logits, ignore pixels excluded; see :func:`logit_kd_loss`."""
+    """Pixel-wise KD on the logits; see :func:`logit_kd_loss`.
 
-    def __init__(self, dims: FeatureDims, *, temperature: float = 1.0) -> None:
+    Args:
+        temperature: T > 0.
+        resolution: ``input`` (the default) compares the logits upsampled to the input
+            size, ignore pixels excluded. ``native`` compares them on their own grids,
+            before upsampling, over all pixels, as CIRKD's code (winycg/CIRKD,
+            ``losses/kd.py`` CriterionKD: ``kl_div(..., reduction='batchmean') * T^2``
+            over the B*h*w pixels) and SKD's (``utils/criterion.py`` CriterionPixelWise,
+            T = 1: the cross-entropy ``-sum p_t log p_s`` summed over pixels and images and
+            divided by h*w only, i.e. B x (this loss + the teacher's mean entropy, a
+            constant): the same gradient up to the factor B). The peers' teachers share the
+            student's grid; here a finer teacher grid is resized bilinearly to the
+            student's.
+    """
+
+    def __init__(
+        self, dims: FeatureDims, *, temperature: float = 1.0, resolution: Literal["input", "native"] = "input"
+    ) -> None:
         super().__init__()
         _check_temperature(temperature)
+        _check_choice("kd resolution", resolution, LOGIT_RESOLUTIONS)
         self.temperature = temperature
+        self.resolution = resolution
+        self.needs_native_logits = resolution == "native"
 
     def forward(self, inputs: DistillInputs) -> torch.Tensor:
-        return logit_kd_loss(
-            inputs.student_logits, inputs.teacher_logits, inputs.masks, temperature=self.temperature
-        )
+        student, teacher = logit_pair(inputs, self.resolution)
+        masks = inputs.masks if self.resolution == "input" else None
+        return logit_kd_loss(student, teacher, masks, temperature=self.temperature)
 
 
 @LOSSES.register("fitnet")
@@ -208,15 +290,29 @@ class FitNetLoss(DistillLoss):
 @LOSSES.register("pairwise")
 class PairwiseDistillationLoss(DistillLoss):
     """Structured pair-wise distillation on raw F_s and F_t; see
-    :func:`pairwise_distillation_loss`."""
+    :func:`pairwise_distillation_loss` for the nodes (``avg``, SKD's ``skd``, CIRKD's
+    ``cirkd``), ``pool`` (avg, cirkd) and ``scale`` (skd)."""
 
-    def __init__(self, dims: FeatureDims, *, pool: int = 2) -> None:
+    def __init__(
+        self,
+        dims: FeatureDims,
+        *,
+        pool: int = 2,
+        nodes: Literal["avg", "skd", "cirkd"] = "avg",
+        scale: float = 0.5,
+    ) -> None:
         super().__init__()
         _check_pool(pool)
+        _check_choice("pairwise nodes", nodes, PAIRWISE_NODES)
+        _check_scale(scale)
         self.pool = pool
+        self.nodes = nodes
+        self.scale = scale
 
     def forward(self, inputs: DistillInputs) -> torch.Tensor:
-        return pairwise_distillation_loss(inputs.student_features, inputs.teacher_features, pool=self.pool)
+        return pairwise_distillation_loss(
+            inputs.student_features, inputs.teacher_features, pool=self.pool, nodes=self.nodes, scale=self.scale
+        )
 
 
 @LOSSES.register("cwd")
@@ -235,8 +331,7 @@ class ChannelWiseDistillationLoss(DistillLoss):
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
-        if on not in CWD_SOURCES:
-            raise ValueError(f"cwd 'on' must be one of {list(CWD_SOURCES)}, got {on!r}")
+        _check_choice("cwd 'on'", on, CWD_SOURCES)
         self.temperature = temperature
         self.on = on
         self.adapter = (

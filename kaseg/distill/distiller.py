@@ -18,19 +18,22 @@ import torch.nn.functional as F
 from kaseg.data.base import IGNORE_INDEX
 from kaseg.distill.autoencoder import TeacherAutoEncoder, adapter, autoencoder_loss
 from kaseg.distill.losses import DistillInputs, WeightedLoss
+from kaseg.distill.teacher import TeacherFeatureStore, TeacherOutputs, freeze
 from kaseg.models.segmenter import Segmenter
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
+def _check_native_logits(model: nn.Module, role: str) -> None:
+    if not callable(getattr(model, "native_logits", None)):
+        raise TypeError(
+            f"a configured loss reads the {role}'s logits before upsampling (resolution: native), but "
+            f"{type(model).__name__} has no native_logits(features) method; add one (the classifier's "
+            "output on the feature grid) or set the loss's resolution to 'input'"
+        )
 
 
 @torch.inference_mode()
-def _teacher_forward(teacher: Segmenter, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    return teacher(images)
+def _teacher_native_logits(teacher: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return teacher.native_logits(features)
 
 
 def _to_grid(features: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -40,11 +43,24 @@ def _to_grid(features: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 class AutoEncoderTraining(nn.Module):
-    """Stage 1: reconstruct the frozen teacher's final features through the code."""
+    """Stage 1: reconstruct the frozen teacher's final features through the code.
 
-    def __init__(self, teacher: Segmenter, autoencoder: TeacherAutoEncoder, *, alpha: float) -> None:
+    ``teacher_cache_mb`` > 0 (or a shared ``teacher_store``) reuses the teacher's features
+    of inputs seen before (see :class:`kaseg.distill.teacher.TeacherOutputs`).
+    """
+
+    def __init__(
+        self,
+        teacher: Segmenter,
+        autoencoder: TeacherAutoEncoder,
+        *,
+        alpha: float,
+        teacher_cache_mb: float = 0,
+        teacher_store: TeacherFeatureStore | None = None,
+    ) -> None:
         super().__init__()
         self.teacher = freeze(teacher)
+        self.teacher_outputs = TeacherOutputs(self.teacher, cache_mb=teacher_cache_mb, store=teacher_store)
         self.autoencoder = autoencoder
         self.alpha = alpha
 
@@ -54,7 +70,7 @@ class AutoEncoderTraining(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        features = _teacher_forward(self.teacher, images)["features"].clone()
+        features = self.teacher_outputs(images)["features"].clone()
         code, reconstruction = self.autoencoder(features)
         return autoencoder_loss(features, code, reconstruction, self.alpha)
 
@@ -72,12 +88,17 @@ class ReconstructionProbe:
         self.sums = torch.zeros(2, dtype=torch.float64)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.teacher(images)["features"]
+        output = self.teacher(images)
+        features = output["features"]
         _, reconstruction = self.autoencoder(features)
         self.sums = self.sums.to(features.device)
         self.sums += torch.stack(
             [(features - reconstruction).double().pow(2).sum(), features.double().pow(2).sum()]
         )
+        if not hasattr(self.teacher, "classify"):
+            # No known classifier reads the tapped map (an external model tapped elsewhere):
+            # the teacher's own logits, which train_autoencoder does not report.
+            return output["logits"]
         return self.teacher.classify(reconstruction, images.shape[-2:])
 
 
@@ -93,8 +114,12 @@ class Distiller(nn.Module):
         student: the segmenter being trained; the only part that is exported.
         encoder: the trained auto-encoder (frozen; only E is used), or None to adapt the
             student straight to the teacher's features resized to the student's grid.
-        losses: the weighted distillation losses.
+        losses: the weighted distillation losses; none gives the student alone trained
+            through this stage (the paired baseline: same initialisation, data and steps).
         ce_weight: weight of the cross-entropy on the labels.
+        teacher_cache_mb: memory for reusing the teacher's features of inputs seen before
+            (deterministic augmentation only; see :class:`kaseg.distill.teacher.TeacherOutputs`).
+        teacher_store: a feature store shared with another stage (instead of a new one).
     """
 
     def __init__(
@@ -105,12 +130,19 @@ class Distiller(nn.Module):
         encoder: TeacherAutoEncoder | None,
         losses: list[WeightedLoss],
         ce_weight: float = 1.0,
+        teacher_cache_mb: float = 0,
+        teacher_store: TeacherFeatureStore | None = None,
     ) -> None:
         super().__init__()
         self.teacher = freeze(teacher)
+        self.teacher_outputs = TeacherOutputs(self.teacher, cache_mb=teacher_cache_mb, store=teacher_store)
         self.encoder = freeze(encoder) if encoder is not None else None
         self.student = student
         self.needs_teacher_code = any(loss.module.needs_teacher_code for loss in losses)
+        self.needs_native_logits = any(loss.module.needs_native_logits for loss in losses)
+        if self.needs_native_logits:
+            _check_native_logits(teacher, "teacher")
+            _check_native_logits(student, "student")
         code_channels = (
             encoder.arch["code_channels"] if encoder is not None else teacher.feature_channels
         )
@@ -143,8 +175,14 @@ class Distiller(nn.Module):
         return F.adaptive_avg_pool2d(features, grid)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        teacher = _teacher_forward(self.teacher, images)
         student = self.student(images)
+        losses = {
+            "ce": self.ce_weight
+            * F.cross_entropy(student["logits"].float(), masks, ignore_index=IGNORE_INDEX)
+        }
+        if not self.losses:
+            return losses
+        teacher = self.teacher_outputs(images)
         grid = student["features"].shape[-2:]
         inputs = DistillInputs(
             student_logits=student["logits"],
@@ -158,10 +196,9 @@ class Distiller(nn.Module):
             inputs.teacher_code = self._teacher_code(teacher["features"], grid).clone()
         if self.adapter is not None:
             inputs.student_code = self.adapter(student["features"])
-        losses = {
-            "ce": self.ce_weight
-            * F.cross_entropy(student["logits"].float(), masks, ignore_index=IGNORE_INDEX)
-        }
+        if self.needs_native_logits:
+            inputs.student_native_logits = self.student.native_logits(student["features"])
+            inputs.teacher_native_logits = _teacher_native_logits(self.teacher, teacher["features"]).clone()
         for key, weight, loss in zip(self.keys, self.weights, self.losses):
             losses[key] = weight * loss(inputs)
         return losses
