@@ -176,3 +176,71 @@ def test_info_cli_json(capsys, name: str, stride: int) -> None:
     assert info["feature_shape"] == [16, math.ceil(64 / stride), math.ceil(64 / stride)]
     assert info["macs"] == info["flops"] // 2
     assert info["input_size"] == [64, 64]
+
+
+# ---------------------------------------------------------------- inference paths and the machine's limit
+
+
+def test_bench_reports_every_path(capsys) -> None:
+    """`kaseg bench --int8 --json`: latency, rate, fraction of peak and speed-up of every path."""
+    pytest.importorskip("onnxruntime")
+    spec = f"deeplabv3_mobilenetv2:{TINY_SPEC}"
+    main(["bench", spec, "--json", "--size", "64", "64", "--runs", "2", "--int8", "--threads", "1"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert list(row["paths"]) == ["eager", "channels_last", "onnx", "int8"]
+    assert row["threads"] == 1 and row["peak_gflops"] > 0
+    eager = row["paths"]["eager"]["latency_ms"]
+    for name, path in row["paths"].items():
+        assert path["latency_p90_ms"] >= path["latency_ms"] > 0, name
+        # Rate = model FLOPs / latency (int8 in the fp32 model's FLOPs), a fraction of the peak.
+        assert path["gflops_per_s"] == pytest.approx(row["flops"] / (path["latency_ms"] / 1000) / 1e9)
+        assert path["peak_fraction"] == pytest.approx(path["gflops_per_s"] / row["peak_gflops"])
+        assert path["speedup"] == pytest.approx(eager / path["latency_ms"])
+    # The legacy keys are the eager and onnxruntime fp32 paths.
+    assert row["latency_ms"] == eager and row["onnx_latency_ms"] == row["paths"]["onnx"]["latency_ms"]
+    assert row["fastest_path"] == min(row["paths"], key=lambda p: row["paths"][p]["latency_ms"])
+
+
+def test_bench_table_lists_paths() -> None:
+    (row,) = bench([f"deeplabv3_mobilenetv2:{TINY_SPEC}"], size=SIZE, runs=1, peak=False)
+    assert row["peak_gflops"] is None and row["paths"]["eager"]["peak_fraction"] is None
+    table = format_table([row])
+    assert "eager fp32 channels_last" in table and "x eager" in table
+
+
+def test_time_interleaved_takes_turns_in_blocks(monkeypatch) -> None:
+    from kaseg.tools import profile
+
+    monkeypatch.setattr(profile.time, "sleep", lambda seconds: None)
+    calls: list[str] = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = profile.time_interleaved(runners, warmup=1, runs=3, block=2)
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3}
+    # Warm-up, then turns: one untimed call + up to `block` timed calls per runner.
+    assert "".join(calls) == "a" "b" "aaa" "bbb" "aa" "bb"
+
+
+def test_matmul_peak_is_flops_over_the_best_time(monkeypatch) -> None:
+    """2 n^3 FLOPs over the fastest of the repeats, with a fake clock (run k takes k ms)."""
+    from kaseg.tools import profile
+
+    ticks = iter([0.0, 0.003, 1.0, 1.001, 2.0, 2.002])  # 3 ms, 1 ms, 2 ms
+    monkeypatch.setattr(profile.time, "perf_counter", lambda: next(ticks))
+    threads = torch.get_num_threads()
+    assert profile.matmul_peak_gflops(1, size=64, repeats=3) == pytest.approx(2 * 64**3 / 0.001 / 1e9)
+    assert torch.get_num_threads() == threads  # restored
+    assert profile.achieved_rate(4e9, 20.0, 400.0) == {"gflops_per_s": pytest.approx(200.0),
+                                                        "peak_fraction": pytest.approx(0.5)}
+
+
+def test_fastest_latency_returns_the_fastest_path() -> None:
+    from kaseg.tools.bench import fastest_latency
+
+    model = build_model("deeplabv3_mobilenetv2", **TINY)
+    result = fastest_latency(model, SIZE, runs=2, warmup=1, paths=["eager", "channels_last"])
+    assert set(result["paths"]) == {"eager", "channels_last"}
+    best = min(result["paths"].values(), key=lambda stats: stats["latency_ms"])
+    assert result["latency_ms"] == best["latency_ms"] and result["latency_p90_ms"] == best["latency_p90_ms"]
+    assert result["paths"][result["path"]] == best
+    with pytest.raises(ValueError, match="unknown inference path"):
+        fastest_latency(model, SIZE, runs=1, paths=["tensorrt"])

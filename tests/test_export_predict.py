@@ -214,3 +214,172 @@ def test_predict_empty_folder_is_a_failure(checkpoint: Path, tmp_path: Path) -> 
     (tmp_path / "empty").mkdir()
     result = predict_files(checkpoint, [str(tmp_path / "empty")], tmp_path / "out")
     assert result["written"] == [] and "holds no images" in result["failed"][str(tmp_path / "empty")]
+
+
+# ---------------------------------------------------------------- int8 export, predict --onnx
+
+SHAPES_DATA = {
+    "name": "shapes",
+    "options": {"num_images": 48, "num_val_images": 8, "size": 32},
+    "crop_size": [32, 32],
+    "workers": 0,
+}
+
+
+def _shapes_samples(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images (normalised as in training, N x 3 x 32 x 32) and masks of the tiny shapes split."""
+    from kaseg.config import DataConfig
+    from kaseg.data import build_raw_dataset
+    from kaseg.data.transforms import TransformedDataset, eval_transform
+
+    data = DataConfig(**{**SHAPES_DATA, "crop_size": (32, 32)})
+    dataset = TransformedDataset(build_raw_dataset(data, split), eval_transform(mean=data.mean, std=data.std))
+    images, masks = zip(*(dataset[i] for i in range(count)))
+    return torch.stack(images), torch.stack(masks)
+
+
+@pytest.fixture(scope="module")
+def shapes_checkpoint(tmp_path_factory) -> Path:
+    """A tiny student fitted for a few full-batch steps to 32 shapes images, so that it has
+    the activation ranges and class margins of a trained model (a random classifier's
+    margins are near zero, and any rounding flips its classes), with a run config naming
+    the tiny shapes set."""
+    torch.manual_seed(0)
+    model = build_model(
+        "deeplabv3_mobilenetv2", width=0.35, head_channels=16, aspp=False, output_stride=16,
+        num_classes=NUM_CLASSES,
+    )
+    images, masks = _shapes_samples("train", 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures start before the `one_thread` fixture
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images)["logits"], masks, ignore_index=255).backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    config = to_dict(Config())
+    config["data"].update(SHAPES_DATA)
+    path = tmp_path_factory.mktemp("shapes-run") / "best.pt"
+    save_checkpoint({"arch": model.arch, "model": model.eval().state_dict(), "config": config}, path)
+    return path
+
+
+@needs_onnx
+def test_int8_export_round_trip(shapes_checkpoint: Path, tmp_path: Path) -> None:
+    """The int8 file is valid ONNX with int8 per-channel weights and, on training images,
+    close to PyTorch's fp32 logits: mean absolute difference <= 3% of the largest logit,
+    99th percentile <= 15%, same class on >= 95% of the pixels (measured: 1.3%, 7%, 100%)."""
+    from kaseg.stages import load_segmenter
+    from kaseg.tools.export import read_metadata
+
+    out = tmp_path / "int8.onnx"
+    report = export_onnx(shapes_checkpoint, out, size=(32, 32), int8=True, calibration=24)
+    assert report["precision"] == "int8" and report["path"] == str(out)
+    assert report["calibration_images"] == 24 and report["calibration_data"] == "shapes:train"
+    assert report["check_images"] == 8 and report["int8_argmax_agreement"] >= 0.95
+
+    graph = onnx.load(str(out))
+    onnx.checker.check_model(graph, full_check=True)
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert int8_weights, "convolution weights are stored as int8"
+    scales = {t.name: t for t in graph.graph.initializer}
+    per_channel = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in
+                   {t.name for t in int8_weights}]
+    assert all(len(scales[n.input[1]].dims) == 1 for n in per_channel)  # one scale per output channel
+    assert read_metadata(out)["precision"] == "int8"
+    assert read_metadata(out)["data"]["name"] == "shapes"
+
+    # The reference: PyTorch fp32 logits on training images (calibration-like inputs).
+    images, _ = _shapes_samples("train", 16)
+    with torch.inference_mode():
+        expected = load_segmenter(shapes_checkpoint)(images)["logits"].numpy()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    actual = np.concatenate([session.run(None, {"images": image[None].numpy()})[0] for image in images])
+    scale = np.abs(expected).max()
+    assert np.abs(actual - expected).mean() <= 0.03 * scale
+    assert np.quantile(np.abs(actual - expected), 0.99) <= 0.15 * scale
+    assert (actual.argmax(1) == expected.argmax(1)).mean() >= 0.95
+
+
+@needs_onnx
+def test_int8_export_without_readable_data_names_the_data_set(shapes_checkpoint: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    from kaseg.config import DataConfig
+    from kaseg.data import DataError
+
+    missing = DataConfig(name="voc", root=str(tmp_path / "VOCdevkit"))
+    with pytest.raises(DataError, match=r"'voc' \(root '.*VOCdevkit'"):
+        export_onnx(shapes_checkpoint, tmp_path / "x.onnx", size=(32, 32), int8=True, data=missing)
+    assert not (tmp_path / "x.onnx").exists()  # it fails before exporting anything
+
+    config = tmp_path / "voc.yaml"
+    config.write_text(f"data: {{name: voc, root: {tmp_path / 'VOCdevkit'}}}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--checkpoint", str(shapes_checkpoint), "--onnx", str(tmp_path / "x.onnx"), "--int8",
+              "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "cannot read int8 calibration images from data set 'voc'" in capsys.readouterr().err
+
+
+@needs_onnx
+def test_int8_export_cli(shapes_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli-int8.onnx"
+    main(["export", "--checkpoint", str(shapes_checkpoint), "--onnx", str(out), "--size", "32", "32",
+          "--int8", "--calibration", "8", "--dynamic"])
+    text = capsys.readouterr().out
+    assert f"wrote {out} (int8)" in text and "argmax agreement" in text and "8 images of shapes:train" in text
+    with pytest.raises(RuntimeError, match="predicts the same class as PyTorch on only"):
+        export_onnx(shapes_checkpoint, out, size=(32, 32), int8=True, calibration=8, min_agreement=1.01)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as mask:
+        return np.asarray(mask)
+
+
+@needs_onnx
+@pytest.mark.parametrize("int8", [False, True])
+def test_predict_onnx_matches_eager(shapes_checkpoint: Path, tmp_path: Path, int8: bool) -> None:
+    """Masks through onnxruntime equal the PyTorch ones (fp32: identical up to exact ties;
+    int8: >= 95% of the pixels), with normalisation and palette read from the file's metadata."""
+    model_file = tmp_path / "model.onnx"
+    export_onnx(shapes_checkpoint, model_file, size=(32, 32), dynamic=True, int8=int8, calibration=16)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _write_png(folder / "a.png", 40, 56, seed=11)
+    _write_png(folder / "b.png", 32, 32, seed=12)
+    eager = predict_files(shapes_checkpoint, [str(folder)], tmp_path / "eager", memory_format="contiguous")
+    exported = predict_files(None, [str(folder)], tmp_path / "onnx", onnx=model_file)
+    assert exported["failed"] == {} and exported["path"].startswith(f"onnxruntime {'int8' if int8 else 'fp32'}")
+    assert eager["path"] == "PyTorch eager fp32 contiguous (cpu)"
+    for name in ("a.png", "b.png"):
+        agreement = (_read_mask(tmp_path / "eager" / name) == _read_mask(tmp_path / "onnx" / name)).mean()
+        assert agreement >= (0.95 if int8 else 0.999), name
+        with Image.open(tmp_path / "onnx" / name) as mask:
+            palette = np.asarray(mask.getpalette()[: 3 * NUM_CLASSES], dtype=np.uint8).reshape(-1, 3)
+        np.testing.assert_array_equal(palette, SHAPES_PALETTE)
+
+
+@needs_onnx
+def test_predict_fixed_size_onnx_runs_windows(shapes_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    model_file = tmp_path / "fixed.onnx"
+    export_onnx(shapes_checkpoint, model_file, size=(32, 32))
+    _write_png(tmp_path / "wide.png", 24, 70, seed=13)
+    main(["predict", "--onnx", str(model_file), str(tmp_path / "wide.png"), "--out", str(tmp_path / "o")])
+    assert "onnxruntime fp32 (CPU, 1 threads), 32 x 32 windows (fixed-size export)" in capsys.readouterr().out
+    assert _read_mask(tmp_path / "o" / "wide.png").shape == (24, 70)
+
+
+def test_predict_uses_channels_last_on_the_cpu(checkpoint: Path, tmp_path: Path) -> None:
+    _write_png(tmp_path / "x.png", 48, 40, seed=14)
+    fast = predict_files(checkpoint, [str(tmp_path / "x.png")], tmp_path / "fast", device="cpu")
+    plain = predict_files(checkpoint, [str(tmp_path / "x.png")], tmp_path / "plain", device="cpu",
+                          memory_format="contiguous")
+    assert fast["path"] == "PyTorch eager fp32 channels_last (cpu)"
+    assert plain["path"] == "PyTorch eager fp32 contiguous (cpu)"
+    # Same model, another memory layout: the same classes up to floating-point ties.
+    assert (_read_mask(tmp_path / "fast" / "x.png") == _read_mask(tmp_path / "plain" / "x.png")).mean() >= 0.999

@@ -85,3 +85,79 @@ def test_eval_refuses_a_checkpoint_for_another_class_count(tmp_path):
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, "x")))
     with pytest.raises(CheckpointError, match="predicts 3 classes but the data set has 8"):
         evaluate_checkpoint(config, tmp_path / "three.pt")
+
+
+def _train_tiny(tmp_path, capsys) -> tuple[str, str]:
+    from kaseg.cli import main
+
+    config = str(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, "run", train={"iterations": 2})))
+    main(["train", "--config", config])
+    capsys.readouterr()
+    return config, str(tmp_path / "run" / "checkpoints" / "last.pt")
+
+
+def _eval_json(capsys, config: str, *model: str) -> dict:
+    from kaseg.cli import main
+
+    main(["eval", "--config", config, *model, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_kaseg_eval_onnx_matches_eager(tmp_path, capsys):
+    """`kaseg eval --onnx` runs the exported file through the same split, transform and
+    metrics: fp32 equals the PyTorch evaluation (same pixels, mIoU within 0.05 points,
+    i.e. at most a few argmax ties), for a dynamic export and for a fixed-size one (whose
+    batches of two run image by image)."""
+    pytest.importorskip("onnxruntime")
+    from kaseg.cli import main
+
+    config, checkpoint = _train_tiny(tmp_path, capsys)
+    eager = _eval_json(capsys, config, "--checkpoint", checkpoint)
+    for name, options in (("dynamic", ["--dynamic"]), ("fixed", [])):
+        model_file = str(tmp_path / f"{name}.onnx")
+        main(["export", "--checkpoint", checkpoint, "--onnx", model_file, "--size", "32", "32", *options])
+        capsys.readouterr()
+        exported = _eval_json(capsys, config, "--onnx", model_file)
+        assert exported["onnx"] == model_file and exported["precision"] == "fp32"
+        assert exported["pixels"] == eager["pixels"]
+        assert exported["miou"] == pytest.approx(eager["miou"], abs=0.05), name
+        for cls, iou in eager["iou"].items():
+            assert (iou is None) == (exported["iou"][cls] is None), cls
+
+
+@pytest.mark.slow
+def test_kaseg_export_int8_and_eval_onnx_commands(tmp_path, capsys):
+    """The two commands a user runs for int8 accuracy, as subprocesses."""
+    pytest.importorskip("onnxruntime")
+    config, checkpoint = _train_tiny(tmp_path, capsys)
+    model_file = str(tmp_path / "int8.onnx")
+    report = json.loads(run_kaseg("export", "--checkpoint", checkpoint, "--onnx", model_file, "--int8",
+                                  "--dynamic", "--calibration", "8", "--min-agreement", "0", "--json").stdout)
+    assert report["precision"] == "int8" and 0 <= report["int8_argmax_agreement"] <= 1
+    metrics = json.loads(run_kaseg("eval", "--config", config, "--onnx", model_file, "--json").stdout)
+    assert metrics["precision"] == "int8" and 0 <= metrics["miou"] <= 100
+    text = run_kaseg("eval", "--config", config, "--onnx", model_file).stdout
+    assert f"{model_file}: onnxruntime int8" in text and f"mIoU {metrics['miou']:.2f}" in text
+
+
+def test_kaseg_eval_onnx_of_another_size_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from kaseg.cli import main
+    from kaseg.config import Config, to_dict
+    from kaseg.engine.checkpoint import save_checkpoint
+    from kaseg.models import build_model
+    from kaseg.tools.export import export_onnx
+
+    model = build_model(num_classes=len(CLASSES), **TINY_STUDENT)
+    save_checkpoint({"arch": model.arch, "model": model.state_dict(), "config": to_dict(Config())}, tmp_path / "m.pt")
+    export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx", size=(48, 48))
+    config = str(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, "x")))  # 32 x 32 images
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--config", config, "--onnx", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "exported for 48 x 48 inputs and cannot run a 32 x 32 image" in message
+    assert "--dynamic" in message and "--sliding 48" in message
+    # A sliding window of the export's size runs it.
+    main(["eval", "--config", config, "--onnx", str(tmp_path / "m.onnx"), "--sliding", "48", "32", "--json"])
+    assert 0 <= json.loads(capsys.readouterr().out)["miou"] <= 100
