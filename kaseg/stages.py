@@ -19,7 +19,7 @@ import yaml
 
 from kaseg.config import Config, ModelConfig, save_config, to_dict
 from kaseg.data import IGNORE_INDEX, build_train_dataset, build_val_dataset
-from kaseg.data.loader import eval_loader
+from kaseg.data.loader import eval_loader, sample_seed
 from kaseg.distill import (
     AutoEncoderTraining,
     Distiller,
@@ -29,6 +29,7 @@ from kaseg.distill import (
     build_losses,
     stride_ratio_layers,
 )
+from kaseg.distill.teacher import TeacherFeatureStore
 from kaseg.engine.checkpoint import CheckpointError, check_arch, load_checkpoint
 from kaseg.engine.distributed import (
     all_reduce_sum,
@@ -40,10 +41,14 @@ from kaseg.engine.distributed import (
 )
 from kaseg.engine.evaluate import evaluate, inference_options
 from kaseg.engine.trainer import TrainingJob, configure_determinism, fit, seed_everything
-from kaseg.models import Segmenter, build_model, build_model_from_arch
-from kaseg.tools.visualize import colorize, denormalize, grid
+from kaseg.engine.visualize import colorize, denormalize, grid
+from kaseg.models import Segmenter, build_from_config, build_model_from_arch
 
 logger = logging.getLogger("kaseg")
+
+# The seed stream of model initialisation (kaseg.data.loader.sample_seed): apart from the
+# streams of the data order (1) and the augmentation (0).
+MODEL_INIT_STREAM = 2
 
 
 class SupervisedTraining(nn.Module):
@@ -99,22 +104,25 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:
-    return build_model(
-        model.name,
-        num_classes=num_classes,
-        output_stride=model.output_stride,
-        width=model.width,
-        aspp=model.aspp,
-        aspp_rates=model.aspp_rates,
-        head_channels=model.head_channels,
-        dropout=model.dropout,
-        decoder_stride=model.decoder_stride,
-        pretrained=model.pretrained,
-    )
+def build_segmenter(model: ModelConfig, num_classes: int) -> nn.Module:
+    """The configured model (any ``model.source``) with ``model.weights`` loaded."""
+    return build_from_config(model, num_classes)
 
 
-def load_segmenter(path: str | Path, *, num_classes: int | None = None) -> Segmenter:
+def build_student(config: Config, num_classes: int) -> Segmenter:
+    """The model being trained, initialised from ``config.seed`` alone.
+
+    Its own generator makes the initial weights independent of whatever was built or
+    drawn before (a teacher, an auto-encoder): the student alone (``kaseg train``) and
+    every distilled student of a seed start from identical weights, so a comparison
+    between them measures the distillation loss and nothing else.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(config.seed, 0, stream=MODEL_INIT_STREAM))
+        return build_segmenter(config.model, num_classes)
+
+
+def load_segmenter(path: str | Path, *, num_classes: int | None = None) -> nn.Module:
     """A segmenter rebuilt from a checkpoint's ``arch`` with its weights, in eval mode."""
     if path is None:
         raise CheckpointError("no checkpoint given (set teacher.checkpoint or pass --checkpoint)")
@@ -129,7 +137,12 @@ def load_segmenter(path: str | Path, *, num_classes: int | None = None) -> Segme
             f"checkpoint {str(path)!r} predicts {arch['num_classes']} classes but the data set "
             f"has {num_classes}"
         )
-    model = build_model_from_arch(arch)
+    try:
+        model = build_model_from_arch(arch)
+    except (ImportError, ValueError) as error:
+        if arch.get("source", "kaseg") == "kaseg":
+            raise
+        raise CheckpointError(f"cannot rebuild the model of checkpoint {str(path)!r}: {error}") from None
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -216,13 +229,21 @@ def train_segmenter(config: Config, *, progress: bool = True) -> dict[str, Any]:
     device = prepare_run(config)
     train_dataset = build_train_dataset(config.data)
     evaluator = SegmentationEvaluator(config, device)
-    model = build_segmenter(config.model, evaluator.num_classes).to(device)
+    model = build_student(config, evaluator.num_classes).to(device)
     job = _job_for_segmenter(SupervisedTraining(model), model, model, evaluator)
+    seed_everything(config.seed)
     return fit(job, config, train_dataset=train_dataset, device=device, progress=progress)
 
 
-def train_autoencoder(config: Config, *, progress: bool = True) -> dict[str, Any]:
-    """``kaseg train-ae``: the auto-encoder on the frozen teacher's final features."""
+def train_autoencoder(
+    config: Config, *, progress: bool = True, teacher_store: TeacherFeatureStore | None = None
+) -> dict[str, Any]:
+    """``kaseg train-ae``: the auto-encoder on the frozen teacher's final features.
+
+    ``teacher_store`` shares the cached teacher features with a later stage of this process
+    (see :class:`kaseg.distill.teacher.TeacherFeatureStore`); by default ``teacher.cache_mb``
+    gives this stage a cache of its own.
+    """
     device = prepare_run(config)
     train_dataset = build_train_dataset(config.data)
     evaluator = SegmentationEvaluator(config, device)
@@ -235,12 +256,24 @@ def train_autoencoder(config: Config, *, progress: bool = True) -> dict[str, Any
         downsample_layers=stride_ratio_layers(teacher.feature_stride, student_stride),
         teacher_arch=teacher.arch,
     ).to(device)
-    module = AutoEncoderTraining(teacher, autoencoder, alpha=config.autoencoder.alpha)
+    module = AutoEncoderTraining(
+        teacher, autoencoder, alpha=config.autoencoder.alpha, teacher_cache_mb=config.teacher.cache_mb,
+        teacher_store=teacher_store,
+    )
+
+    classifies = hasattr(teacher, "classify")
+    if not classifies:
+        logger.info(
+            "the teacher's feature tap %r feeds no known classifier: the auto-encoder is evaluated by its "
+            "relative reconstruction error only (no mIoU through the reconstruction)", teacher.arch.get("features"),
+        )
 
     def run_evaluation() -> dict[str, Any]:
         autoencoder.eval()
         probe = ReconstructionProbe(teacher, autoencoder)
-        metrics = evaluator.evaluate(probe)
+        metrics = evaluator.evaluate(probe)  # also sums the reconstruction error
+        if not classifies:
+            metrics = {}  # the mIoU of the teacher's own logits, not of the reconstruction
         error_sq, norm_sq = all_reduce_sum(probe.sums.to(device)).tolist()
         metrics["relative_error"] = (error_sq / max(norm_sq, 1e-30)) ** 0.5
         return metrics
@@ -270,13 +303,16 @@ def load_autoencoder(
     return autoencoder
 
 
-def distill(config: Config, *, progress: bool = True) -> dict[str, Any]:
-    """``kaseg distill``: the student with cross-entropy plus the configured distillation losses."""
+def distill(
+    config: Config, *, progress: bool = True, teacher_store: TeacherFeatureStore | None = None
+) -> dict[str, Any]:
+    """``kaseg distill``: the student with cross-entropy plus the configured distillation losses
+    (``teacher_store``: see :func:`train_autoencoder`)."""
     device = prepare_run(config)
     train_dataset = build_train_dataset(config.data)
     evaluator = SegmentationEvaluator(config, device)
     teacher = load_segmenter(config.teacher.checkpoint, num_classes=evaluator.num_classes)
-    student = build_segmenter(config.model, evaluator.num_classes)
+    student = build_student(config, evaluator.num_classes)
     downsample_layers = stride_ratio_layers(teacher.feature_stride, student.feature_stride)
     encoder = None
     code_channels = teacher.feature_channels
@@ -297,8 +333,11 @@ def distill(config: Config, *, progress: bool = True) -> dict[str, Any]:
         encoder=encoder,
         losses=build_losses(list(config.distill.losses), dims),
         ce_weight=config.distill.ce_weight,
+        teacher_cache_mb=config.teacher.cache_mb,
+        teacher_store=teacher_store,
     ).to(device)
     job = _job_for_segmenter(distiller, distiller.trainable, student, evaluator)
+    seed_everything(config.seed)  # the training streams (dropout) start where `kaseg train`'s do
     return fit(job, config, train_dataset=train_dataset, device=device, progress=progress)
 
 

@@ -12,14 +12,19 @@ from kaseg.data.base import IGNORE_INDEX, DataError, FileSegmentationDataset, dr
 from kaseg.data.cityscapes import CityscapesDataset
 from kaseg.data.context import PascalContextDataset
 from kaseg.data.folder import FolderDataset
+from kaseg.data.mosaic import MosaicDataset
 from kaseg.data.shapes import ShapesDataset
 from kaseg.data.transforms import TransformedDataset, eval_transform, train_transform
 from kaseg.data.voc import PascalVOCDataset
 
 logger = logging.getLogger("kaseg")
 
+# Built-in data sets drawn on the fly: no data.root.
+PROCEDURAL = (MosaicDataset, ShapesDataset)
+
 # data.name in a config -> the class reading that layout.
 DATASETS = {
+    "mosaic": MosaicDataset,
     "shapes": ShapesDataset,
     "voc": PascalVOCDataset,
     "cityscapes": CityscapesDataset,
@@ -46,7 +51,7 @@ def build_raw_dataset(data: Any, split: str) -> Any:
         raise ValueError(
             f"data.options {unknown} are not options of data set {data.name!r}; valid: {valid}"
         )
-    if data.root is None and cls is not ShapesDataset:
+    if data.root is None and cls not in PROCEDURAL:
         raise DataError(f"data set {data.name!r} needs data.root, the folder it is stored in")
     dataset = cls(data.root, split, **data.options)
     if data.skip_bad and isinstance(dataset, FileSegmentationDataset):
@@ -56,8 +61,14 @@ def build_raw_dataset(data: Any, split: str) -> Any:
 
 
 def build_train_dataset(data: Any) -> TransformedDataset:
+    raw = build_raw_dataset(data, data.train_split)
+    if data.hflip and not getattr(raw, "mirror_symmetric", True):
+        raise ValueError(
+            f"data.hflip: the classes of data set {data.name!r} are not mirror-symmetric "
+            f"({raw.mirror_note}); set data.hflip=false"
+        )
     return TransformedDataset(
-        build_raw_dataset(data, data.train_split),
+        raw,
         train_transform(
             crop_size=tuple(data.crop_size),
             scale_range=tuple(data.scale_range),

@@ -1,10 +1,16 @@
-"""``kaseg demo``: the whole flow on the built-in data set, then a table and a report.
+"""``kaseg demo``: the whole flow on the built-in benchmark, then a table, diagnostics and a report.
 
-Stages (each a normal run folder under ``out``, reused when finished and resumed when
-interrupted): teacher, student alone, auto-encoder, distilled student; with
-``compare``, also the comparison methods of ``kaseg/configs/shapes/compare``. Every
-model is then measured (parameters, GFLOPs and CPU latency at the demo size) and the
-table, the gain of the distilled student and ``report.html`` are written.
+Users of distillation start from a trained teacher, and so does the demo: the teacher of
+the built-in ``mosaic`` benchmark ships with kaseg (``kaseg/assets``, fp16 weights; its
+exact training command is in the README) and ``--train-teacher`` trains it again
+instead. Then every stage is a normal run folder under ``out``, reused when finished and
+resumed when interrupted: the student alone, the auto-encoder, the distilled student
+(knowledge adaptation + affinity) and, with ``compare``, the comparison methods of
+``kaseg/configs/mosaic/compare``. The student alone and every distilled student start
+from the same weights and see the same data (``kaseg.stages.build_student``), so each
+gain is a paired difference. Every model is then measured (parameters, GFLOPs, CPU
+latency on its fastest installed path), the runs are diagnosed
+(``kaseg.tools.diagnose``), and ``summary.json`` and ``report.html`` are written.
 """
 
 from __future__ import annotations
@@ -13,30 +19,39 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from kaseg.config import Config, load_config
+from kaseg.distill.teacher import TeacherFeatureStore
 from kaseg.engine.checkpoint import load_checkpoint
-from kaseg.stages import distill, load_segmenter, train_autoencoder, train_segmenter
+from kaseg.stages import distill, evaluate_checkpoint, load_segmenter, train_autoencoder, train_segmenter
 from kaseg.tools.profile import measure_latency, model_profile
 
 logger = logging.getLogger("kaseg")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mosaic"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# The trained teacher of the mosaic benchmark (fp16 safetensors with its arch and run config).
+SHIPPED_TEACHER = ASSETS / "mosaic_teacher_r18.safetensors"
 
 # Overrides that shrink every stage for `--quick` (the test suite's end-to-end run).
 QUICK = [
-    "data.options.num_images=128",
-    "data.options.num_val_images=32",
-    "data.options.size=32",
-    "data.crop_size=[32,32]",
+    "data.options.num_images=64",
+    "data.options.num_val_images=16",
+    "data.options.size=64",
+    "data.crop_size=[64,64]",
     "data.batch_size=8",
-    "data.val_batch_size=32",
+    "data.val_batch_size=16",
     "data.workers=0",
     "train.checkpoint_every=10",
+    "train.eval_every=0",
 ]
-QUICK_ITERATIONS = {"teacher": 30, "student": 30, "autoencoder": 15, "distill": 30}
+QUICK_ITERATIONS = {"teacher": 20, "student": 20, "autoencoder": 10, "distill": 20}
+# Diagnostics budget: images scored on each split and Adam steps per fitted grid.
+DIAGNOSE_IMAGES = 200
+DIAGNOSE_STEPS = 100
 
 
 @dataclass
@@ -51,19 +66,32 @@ class Stage:
     in_table: bool = True
 
 
-def demo_stages(out: Path, compare: bool) -> list[Stage]:
-    teacher = f"teacher.checkpoint={out / 'teacher' / 'checkpoints' / 'last.pt'}"
+def teacher_checkpoint(out: Path, train_teacher: bool) -> Path:
+    return out / "teacher" / "checkpoints" / "last.pt" if train_teacher else SHIPPED_TEACHER
+
+
+def demo_stages(
+    out: Path, compare: bool, train_teacher: bool = False, teacher_store: TeacherFeatureStore | None = None
+) -> list[Stage]:
+    """The demo's runs in order; the stages reading the teacher share ``teacher_store``."""
+    teacher = f"teacher.checkpoint={teacher_checkpoint(out, train_teacher)}"
+    with_teacher = {"teacher_store": teacher_store}
     autoencoder = f"autoencoder.checkpoint={out / 'autoencoder' / 'checkpoints' / 'last.pt'}"
-    stages = [
-        Stage("teacher", "teacher.yaml", train_segmenter, label="teacher (DeepLabV3+ R18, OS 8)"),
+    stages = []
+    if train_teacher:
+        stages.append(Stage("teacher", "teacher.yaml", train_segmenter, in_table=False))
+    stages += [
         Stage("student", "student.yaml", train_segmenter, label="student alone (MobileNetV2, OS 16)"),
-        Stage("autoencoder", "autoencoder.yaml", train_autoencoder, [teacher], in_table=False),
-        Stage("distill", "distill.yaml", distill, [teacher, autoencoder], label="student + KA + affinity"),
+        Stage("autoencoder", "autoencoder.yaml", partial(train_autoencoder, **with_teacher), [teacher],
+              in_table=False),
+        Stage("distill", "distill.yaml", partial(distill, **with_teacher), [teacher, autoencoder],
+              label="student + KA + affinity"),
     ]
     if compare:
         for path in sorted((CONFIGS / "compare").glob("*.yaml")):
             stages.append(
-                Stage(f"compare-{path.stem}", f"compare/{path.name}", distill, [teacher, autoencoder],
+                Stage(f"compare-{path.stem}", f"compare/{path.name}", partial(distill, **with_teacher),
+                      [teacher, autoencoder],
                       label=f"student + {path.stem}")
             )
     return stages
@@ -77,79 +105,127 @@ def stage_config(stage: Stage, out: Path, quick: bool, seed: int) -> Config:
     return load_config(CONFIGS / stage.config_file, overrides + stage.overrides)
 
 
+def finished_metrics(config: Config) -> dict[str, Any] | None:
+    """The final metrics of a run folder that already holds the finished run, else None."""
+    last = config.run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return None
+    state = load_checkpoint(last)
+    if state["iteration"] >= config.train.iterations and state.get("metrics"):
+        return state["metrics"]
+    return None
+
+
 def run_stage(stage: Stage, config: Config) -> dict[str, Any]:
     """Trains the stage unless its run folder already holds the finished run."""
-    last = config.run_dir / "checkpoints" / "last.pt"
-    if last.exists():
-        state = load_checkpoint(last)
-        if state["iteration"] >= config.train.iterations and state.get("metrics"):
-            logger.info("%s: finished earlier, reusing %s", stage.name, last)
-            return state["metrics"]
+    metrics = finished_metrics(config)
+    if metrics is not None:
+        logger.info("%s: finished earlier, reusing %s", stage.name, config.run_dir)
+        return metrics
     return stage.run(config)
 
 
 def measure_model(checkpoint: Path, size: tuple[int, int]) -> dict[str, Any]:
-    model = load_segmenter(checkpoint).to("cpu")
+    """Parameters, GFLOPs and CPU latency (batch 1) on the fastest installed inference path."""
+    model = load_segmenter(checkpoint).to("cpu").float()
     profile = model_profile(model, size)
-    latency = measure_latency(model, size, warmup=3, runs=20)
+    try:
+        from kaseg.tools.bench import fastest_latency
+    except ImportError:  # pragma: no cover - bench is part of kaseg
+        latency = {**measure_latency(model, size, warmup=3, runs=20), "path": "PyTorch eager"}
+    else:
+        latency = fastest_latency(model, size)
     return {**profile, **latency}
 
 
 def run_demo(
-    out: str | Path, *, quick: bool = False, compare: bool = False, seed: int = 0
+    out: str | Path,
+    *,
+    quick: bool = False,
+    compare: bool = False,
+    seed: int = 0,
+    train_teacher: bool = False,
+    diagnose_runs: bool = True,
 ) -> dict[str, Any]:
     """Runs (or reuses) every stage; writes summary.json and report.html; returns the summary
     (``rows``: one per model, with at least model, params, gflops, latency_ms, miou)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not train_teacher and not SHIPPED_TEACHER.is_file():
+        raise FileNotFoundError(
+            f"the shipped teacher {str(SHIPPED_TEACHER)!r} is missing; run `kaseg demo --train-teacher`"
+        )
     started = time.perf_counter()
-    stages = demo_stages(out, compare)
+    # The teacher's features of the training images are computed once for every stage that reads them.
+    cache_mb = load_config(CONFIGS / "autoencoder.yaml").teacher.cache_mb
+    stages = demo_stages(out, compare, train_teacher, TeacherFeatureStore(cache_mb) if cache_mb > 0 else None)
     results = {}
     for stage in stages:
         config = stage_config(stage, out, quick, seed)
         results[stage.name] = (config, run_stage(stage, config))
     train_seconds = time.perf_counter() - started
 
-    size = tuple(stage_config(stages[0], out, quick, seed).data.crop_size)
-    rows = []
+    student_config = results["student"][0]
+    size = tuple(student_config.data.crop_size)
+    teacher = teacher_checkpoint(out, train_teacher)
+    teacher_metrics = results["teacher"][1] if train_teacher else evaluate_checkpoint(student_config, teacher)
+    rows = [_row("teacher (DeepLabV3+ R18, OS 8)", "teacher", teacher, teacher_metrics, size)]
     for stage in stages:
-        if not stage.in_table:
-            continue
-        config, metrics = results[stage.name]
-        measured = measure_model(config.run_dir / "checkpoints" / "last.pt", size)
-        rows.append({
-            "model": stage.label,
-            "run": stage.name,
-            "architecture": load_checkpoint(config.run_dir / "checkpoints" / "last.pt")["arch"]["name"],
-            "output_stride": measured["output_stride"],
-            "params": measured["params"],
-            "gflops": measured["gflops"],
-            "latency_ms": measured["latency_ms"],
-            "miou": metrics["miou"],
-            "iou": metrics["iou"],
-        })
+        if stage.in_table:
+            config, metrics = results[stage.name]
+            rows.append(_row(stage.label, stage.name, config.run_dir / "checkpoints" / "last.pt", metrics, size))
     autoencoder_metrics = results["autoencoder"][1]
-    summary = {
+    summary: dict[str, Any] = {
         "seed": seed,
         "quick": quick,
+        "teacher": "trained" if train_teacher else "shipped",
         "input_size": list(size),
         "rows": rows,
         "autoencoder": {
-            "teacher_miou_through_reconstruction": autoencoder_metrics["miou"],
+            "teacher_miou_through_reconstruction": autoencoder_metrics.get("miou"),
             "relative_error": autoencoder_metrics["relative_error"],
         },
-        "gain_miou": _row(rows, "distill")["miou"] - _row(rows, "student")["miou"],
-        "seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
+        "gain_miou": _by_run(rows, "distill")["miou"] - _by_run(rows, "student")["miou"],
+        "gains": {row["run"]: row["miou"] - _by_run(rows, "student")["miou"] for row in rows[2:]},
     }
+    if diagnose_runs:
+        from kaseg.tools.diagnose import diagnose
+
+        summary["diagnosis"] = diagnose(
+            [results[stage.name][0].run_dir for stage in stages if stage.in_table],
+            teacher=teacher,
+            train_images=DIAGNOSE_IMAGES,
+            val_images=DIAGNOSE_IMAGES,
+            steps=DIAGNOSE_STEPS,
+        )
+    summary["seconds"] = time.perf_counter() - started
+    summary["train_seconds"] = train_seconds
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from kaseg.tools.report import write_report
 
-    summary["report"] = str(write_report(out, summary, {s.name: results[s.name][0] for s in stages}))
+    configs = {s.name: results[s.name][0] for s in stages}
+    summary["report"] = str(write_report(out, summary, configs))
     return summary
 
 
-def _row(rows: list[dict[str, Any]], run: str) -> dict[str, Any]:
+def _row(label: str, run: str, checkpoint: Path, metrics: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    measured = measure_model(checkpoint, size)
+    return {
+        "model": label,
+        "run": run,
+        "checkpoint": str(checkpoint),
+        "architecture": load_checkpoint(checkpoint)["arch"]["name"],
+        "output_stride": measured["output_stride"],
+        "params": measured["params"],
+        "gflops": measured["gflops"],
+        "latency_ms": measured["latency_ms"],
+        "latency_path": measured.get("path"),
+        "miou": metrics["miou"],
+        "iou": metrics["iou"],
+    }
+
+
+def _by_run(rows: list[dict[str, Any]], run: str) -> dict[str, Any]:
     return next(row for row in rows if row["run"] == run)
 
 
@@ -165,12 +241,21 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{row['gflops']:8.3f} {row['latency_ms']:8.1f} {row['miou']:7.2f}"
         )
     ae = summary["autoencoder"]
+    paths = sorted({row["latency_path"] for row in summary["rows"] if row.get("latency_path")})
     lines += [
         "-" * 78,
-        f"GFLOPs and CPU latency at {size}, batch 1 (a multiply-add counts as 2 FLOPs).",
-        f"auto-encoder: relative reconstruction error {ae['relative_error']:.3f}; teacher mIoU "
-        f"through the reconstruction {ae['teacher_miou_through_reconstruction']:.2f}",
-        f"distilled student vs student alone: {summary['gain_miou']:+.2f} mIoU",
-        f"total time {summary['seconds'] / 60:.1f} min",
+        f"GFLOPs and CPU latency at {size}, batch 1 (a multiply-add counts as 2 FLOPs; "
+        f"fastest path: {', '.join(paths) or 'PyTorch eager'}).",
+        f"auto-encoder: relative reconstruction error {ae['relative_error']:.3f}"
+        + (
+            f"; teacher mIoU through the reconstruction {ae['teacher_miou_through_reconstruction']:.2f}"
+            if ae["teacher_miou_through_reconstruction"] is not None else ""
+        ),
     ]
+    for run, gain in summary["gains"].items():
+        label = _by_run(summary["rows"], run)["model"]
+        lines.append(f"{label} vs student alone (same initialisation and data): {gain:+.2f} mIoU")
+    if summary.get("diagnosis"):
+        lines += [f"* {note}" for note in summary["diagnosis"]["notes"]]
+    lines.append(f"total time {summary['seconds'] / 60:.1f} min (teacher: {summary['teacher']})")
     return "\n".join(lines)

@@ -17,8 +17,8 @@ from PIL import Image
 from kaseg.config import Config
 from kaseg.data import build_val_dataset
 from kaseg.engine.logger import read_metrics
+from kaseg.engine.visualize import denormalize, grid, overlay
 from kaseg.stages import load_segmenter
-from kaseg.tools.visualize import denormalize, grid, overlay
 
 
 def _pyplot():
@@ -78,7 +78,7 @@ def samples_picture(config: Config, checkpoints: list[Path], count: int, path: P
     """Rows of image | ground truth | each model's prediction, as colour overlays."""
     dataset = build_val_dataset(config.data)
     palette = dataset.dataset.palette
-    models = [load_segmenter(checkpoint) for checkpoint in checkpoints]
+    models = [load_segmenter(checkpoint).float() for checkpoint in checkpoints]
     rows = []
     for index in range(min(count, len(dataset))):
         image, mask = dataset[index]
@@ -95,13 +95,39 @@ def samples_picture(config: Config, checkpoints: list[Path], count: int, path: P
     ).save(path)
 
 
+def diagnosis_html(diagnosis: dict[str, Any]) -> str:
+    """The diagnostics section: train vs val mIoU per run, the headroom and the notes."""
+    rows = "".join(
+        f"<tr><td>{html.escape(run['name'])}</td><td>{run['train_miou']:.2f}</td><td>{run['val_miou']:.2f}</td>"
+        f"<td>{run['gap']:+.2f}</td><td>{ {True: 'yes', False: 'no', None: '-'}[run['still_rising']] }</td></tr>"
+        for run in diagnosis["runs"]
+    )
+    headroom = diagnosis.get("headroom")
+    headroom_text = ""
+    if headroom is not None:
+        headroom_text = (
+            f"<p>Transferable headroom at the student's stride ({headroom['stride']}): a logit grid fitted to "
+            f"the teacher's predictions scores <b>{headroom['teacher_grid_miou']:.2f}</b> mIoU, one fitted to the "
+            f"ground truth {headroom['ground_truth_grid_miou']:.2f} (the stride's ceiling); the teacher itself "
+            f"{diagnosis['teacher']['val_miou']:.2f}.</p>"
+        )
+    notes = "".join(f"<li>{html.escape(note)}</li>" for note in diagnosis["notes"])
+    return f"""<h2>Diagnostics: did distillation pay, and why</h2>
+<table><tr><th>run</th><th>train mIoU</th><th>val mIoU</th><th>gap</th><th>still rising</th></tr>
+{rows}</table>
+<p>Train and validation mIoU on {diagnosis['train_images']} and {diagnosis['val_images']} images of each split
+(evaluation transform). No gap means the student underfits: distillation targets help a student generalise,
+they add neither capacity nor steps.</p>
+{headroom_text}<ul>{notes}</ul>"""
+
+
 def write_report(out: Path, summary: dict[str, Any], configs: dict[str, Config], samples: int = 6) -> Path:
     """Writes report.html and its PNGs into ``out``; returns the HTML path."""
     rows = summary["rows"]
     per_class_chart(rows, out / "per_class_iou.png")
     curves_chart({name: config.run_dir for name, config in configs.items()}, out / "curves.png")
-    checkpoints = [configs[row["run"]].run_dir / "checkpoints" / "last.pt" for row in rows]
-    first = configs[rows[0]["run"]]
+    checkpoints = [Path(row["checkpoint"]) for row in rows]
+    first = configs[next(row["run"] for row in rows if row["run"] in configs)]
     samples_picture(first, checkpoints, samples, out / "samples.png")
 
     dataset = build_val_dataset(first.data).dataset
@@ -110,15 +136,23 @@ def write_report(out: Path, summary: dict[str, Any], configs: dict[str, Config],
         f"{html.escape(name)} "
         for name, colour in zip(dataset.classes, dataset.palette)
     )
+    gains = {run: f"{gain:+.2f}" for run, gain in summary["gains"].items()}
     table_rows = "".join(
         f"<tr><td>{html.escape(row['model'])}</td><td>{row['output_stride']}</td>"
         f"<td>{row['params'] / 1e6:.2f} M</td><td>{row['gflops']:.3f}</td>"
-        f"<td>{row['latency_ms']:.1f}</td><td>{row['miou']:.2f}</td></tr>"
+        f"<td>{row['latency_ms']:.1f}</td><td>{row['miou']:.2f}</td><td>{gains.get(row['run'], '')}</td></tr>"
         for row in rows
     )
     columns = " | ".join(["image", "ground truth"] + [html.escape(row["model"]) for row in rows])
     ae = summary["autoencoder"]
     size = "x".join(str(s) for s in summary["input_size"])
+    paths = ", ".join(sorted({row["latency_path"] for row in rows if row.get("latency_path")})) or "PyTorch eager"
+    reconstruction = (
+        f"; the teacher's mIoU when its classifier reads the reconstruction: "
+        f"{ae['teacher_miou_through_reconstruction']:.2f}"
+        if ae.get("teacher_miou_through_reconstruction") is not None else ""
+    )
+    diagnostics = diagnosis_html(summary["diagnosis"]) if summary.get("diagnosis") else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kaseg demo report</title>
 <style>
@@ -128,15 +162,18 @@ td:first-child, th:first-child {{ text-align: left; }}
 .swatch {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; border: 1px solid #888; }}
 img {{ max-width: 100%; }}
 </style></head><body>
-<h1>kaseg demo: knowledge adaptation on the built-in shapes data set</h1>
-<p>Seed {summary['seed']}{' (quick run)' if summary['quick'] else ''}; total time {summary['seconds'] / 60:.1f} min.</p>
+<h1>kaseg demo: knowledge adaptation on the built-in mosaic benchmark</h1>
+<p>Seed {summary['seed']}{' (quick run)' if summary['quick'] else ''}; teacher {summary['teacher']};
+total time {summary['seconds'] / 60:.1f} min.</p>
 <h2>Models</h2>
-<table><tr><th>model</th><th>OS</th><th>params</th><th>GFLOPs @ {size}</th><th>CPU ms @ {size}</th><th>mIoU</th></tr>
+<table><tr><th>model</th><th>OS</th><th>params</th><th>GFLOPs @ {size}</th><th>CPU ms @ {size}</th><th>mIoU</th>
+<th>vs student alone</th></tr>
 {table_rows}</table>
-<p>Distilled student vs student alone: <b>{summary['gain_miou']:+.2f} mIoU</b>.
-Auto-encoder: relative reconstruction error {ae['relative_error']:.3f}; the teacher's mIoU
-when its classifier reads the reconstruction: {ae['teacher_miou_through_reconstruction']:.2f}.
-GFLOPs count a multiply-add as 2 FLOPs; latency is the median of 20 batch-1 CPU runs.</p>
+<p>Every student starts from the same weights and sees the same data, so each gain is a paired difference.
+Auto-encoder: relative reconstruction error {ae['relative_error']:.3f}{reconstruction}.
+GFLOPs count a multiply-add as 2 FLOPs; latency is the median of batch-1 CPU runs on the fastest installed
+path ({html.escape(paths)}).</p>
+{diagnostics}
 <h2>Per-class IoU</h2><img src="per_class_iou.png" alt="per-class IoU">
 <h2>Training curves</h2><img src="curves.png" alt="training curves">
 <h2>Validation samples</h2>
