@@ -28,8 +28,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/affinity.py
 	$(BIN)/python benchmarks/distill_step.py
 
-evidence: $(STAMP)  ## the README's 3-seed comparison table (about 2 h on 2 CPU cores)
-	$(BIN)/python scripts/evidence.py --seeds 0 1 2 --out runs/evidence
+evidence: $(STAMP)  ## the README's evidence: tune on the development seed, confirm on fresh seeds (resumable)
+	$(BIN)/python scripts/evidence.py tune
+	$(BIN)/python scripts/evidence.py select
+	$(BIN)/python scripts/evidence.py confirm
+	$(BIN)/python scripts/evidence.py table
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -158,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from kaseg.engine.checkpoint import convert_to_safetensors
 
-    path = convert_to_safetensors(args.checkpoint, args.safetensors)
+    path = convert_to_safetensors(args.checkpoint, args.safetensors, fp16=args.fp16)
     print(f"wrote {path}")
 
 
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write a checkpoint's model weights as .safetensors, to share them")
     p.add_argument("--checkpoint", required=True, help="a kaseg checkpoint (best.pt, last.pt)")
     p.add_argument("--safetensors", required=True, metavar="OUT.safetensors")
+    p.add_argument("--fp16", action="store_true", help="store floating-point weights in half precision")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("predict", help="write palette PNG masks for images")

@@ -438,7 +438,7 @@ def _check_device(device: str) -> None:
 def _check_data(data: DataConfig) -> None:
     import inspect
 
-    from kaseg.data import DATASETS, PROCEDURAL
+    from kaseg.data import DATASETS, ProceduralDataset
 
     low, high = data.scale_range
     if low > high:
@@ -464,7 +464,7 @@ def _check_data(data: DataConfig) -> None:
                 check_value(hints[option], value, f"data.options.{option}")
             except TypeError:  # a type the config types do not cover
                 pass
-    if data.root is None and cls not in PROCEDURAL:
+    if data.root is None and not issubclass(cls, ProceduralDataset):
         raise ConfigError(f"data.root: data set {data.name!r} needs data.root, the folder it is stored in")
     if data.hflip and not getattr(cls, "mirror_symmetric", True):
         raise ConfigError(

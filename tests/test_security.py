@@ -201,6 +201,22 @@ def test_convert_cli_writes_the_checkpoints_model(tmp_path, genuine, capsys):
     assert converted["model"].keys() == original["model"].keys()
 
 
+def test_convert_to_half_precision(tmp_path, genuine):
+    out = tmp_path / "half.safetensors"
+    main(["convert", "--checkpoint", str(genuine), "--safetensors", str(out), "--fp16"])
+    half, original = load_checkpoint(out)["model"], load_checkpoint(genuine)["model"]
+    for key, value in original.items():
+        if value.is_floating_point():
+            assert half[key].dtype == torch.float16 and torch.equal(half[key], value.half()), key
+        else:
+            assert torch.equal(half[key], value), key
+    model = load_segmenter(out, num_classes=NUM_CLASSES)  # cast back to the model's float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    full = tmp_path / "full.safetensors"
+    main(["convert", "--checkpoint", str(genuine), "--safetensors", str(full)])
+    assert out.stat().st_size < 0.55 * full.stat().st_size
+
+
 def test_safetensors_with_tied_weights(tmp_path):
     shared = torch.nn.Linear(3, 3)
     module = torch.nn.Sequential(shared, shared)  # two keys, one storage

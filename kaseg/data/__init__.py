@@ -13,14 +13,12 @@ from kaseg.data.cityscapes import CityscapesDataset
 from kaseg.data.context import PascalContextDataset
 from kaseg.data.folder import FolderDataset
 from kaseg.data.mosaic import MosaicDataset
+from kaseg.data.procedural import ProceduralDataset
 from kaseg.data.shapes import ShapesDataset
 from kaseg.data.transforms import TransformedDataset, eval_transform, train_transform
 from kaseg.data.voc import PascalVOCDataset
 
 logger = logging.getLogger("kaseg")
-
-# Built-in data sets drawn on the fly: no data.root.
-PROCEDURAL = (MosaicDataset, ShapesDataset)
 
 # data.name in a config -> the class reading that layout.
 DATASETS = {
@@ -51,7 +49,7 @@ def build_raw_dataset(data: Any, split: str) -> Any:
         raise ValueError(
             f"data.options {unknown} are not options of data set {data.name!r}; valid: {valid}"
         )
-    if data.root is None and cls not in PROCEDURAL:
+    if data.root is None and not issubclass(cls, ProceduralDataset):
         raise DataError(f"data set {data.name!r} needs data.root, the folder it is stored in")
     dataset = cls(data.root, split, **data.options)
     if data.skip_bad and isinstance(dataset, FileSegmentationDataset):
@@ -89,6 +87,7 @@ def build_val_dataset(data: Any) -> TransformedDataset:
 __all__ = [
     "DATASETS",
     "IGNORE_INDEX",
+    "ProceduralDataset",
     "DataError",
     "TransformedDataset",
     "build_raw_dataset",

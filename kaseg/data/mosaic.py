@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kaseg.data.procedural import ProceduralDataset
+
 CLASSES = (
     "smooth",
     "stripes_0",
@@ -60,7 +62,7 @@ _SPLIT_SALT = {"train": 11, "val": 12, "test": 13}
 _STRIPE_ANGLES = {1: 0.0, 2: 45.0, 3: 90.0, 4: 135.0}
 
 
-class MosaicDataset:
+class MosaicDataset(ProceduralDataset):
     """Procedural texture-mosaic segmentation data set (see the module docstring).
 
     Args:
@@ -75,8 +77,10 @@ class MosaicDataset:
         orientation_jitter: largest deviation (degrees) of a grating from its class angle.
     """
 
+    kind = "mosaic"
     classes = CLASSES
     palette = PALETTE
+    split_salts = _SPLIT_SALT
     # Orientation is a class: a mirror image is another labelling, not an augmentation.
     mirror_symmetric = False
     mirror_note = "a horizontal flip turns stripes_45 into stripes_135"
@@ -95,12 +99,9 @@ class MosaicDataset:
         difficulty: float = 0.5,
         orientation_jitter: float = 12.0,
     ) -> None:
-        if split not in _SPLIT_SALT:
-            raise ValueError(f"mosaic: unknown split {split!r}; valid: {sorted(_SPLIT_SALT)}")
-        if size < 32:
-            raise ValueError(f"mosaic: size must be at least 32 pixels, got {size}")
-        if not 0 <= difficulty <= 1:
-            raise ValueError(f"mosaic: difficulty must be in [0, 1], got {difficulty}")
+        super().__init__(
+            split, num_images=num_images, num_val_images=num_val_images, size=size, seed=seed, difficulty=difficulty
+        )
         if not 1 <= min_regions <= max_regions:
             raise ValueError(
                 f"mosaic: need 1 <= min_regions <= max_regions, got {min_regions}, {max_regions}"
@@ -110,37 +111,13 @@ class MosaicDataset:
                 f"mosaic: orientation_jitter must be in [0, 22.5) degrees (classes are 45 apart), "
                 f"got {orientation_jitter}"
             )
-        if num_images < 1 or num_val_images < 1:
-            raise ValueError(
-                f"mosaic: num_images and num_val_images must be positive, got {num_images}, {num_val_images}"
-            )
-        self.split = split
-        self.num_images = num_images if split == "train" else num_val_images
-        self.size = size
-        self.seed = seed
         self.min_regions = min_regions
         self.max_regions = max_regions
-        self.difficulty = difficulty
         self.orientation_jitter = orientation_jitter
-        self.name = f"mosaic/{split}"
 
-    def __len__(self) -> int:
-        return self.num_images
-
-    def source(self, index: int) -> str:
-        return f"mosaic:{self.split}:{self.seed}:{index}"
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
-        rng = np.random.default_rng([self.seed, _SPLIT_SALT[self.split], index])
-        return draw_mosaic(
-            rng,
-            self.size,
-            int(rng.integers(self.min_regions, self.max_regions + 1)),
-            self.difficulty,
-            self.orientation_jitter,
-        )
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        regions = int(rng.integers(self.min_regions, self.max_regions + 1))
+        return draw_mosaic(rng, self.size, regions, self.difficulty, self.orientation_jitter)
 
 
 def draw_mosaic(

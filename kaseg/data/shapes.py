@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kaseg.data.procedural import ProceduralDataset
+
 CLASSES = (
     "background",
     "disc_day",
@@ -57,7 +59,7 @@ _FRAME_COLOURS = {0: (250, 250, 235), 1: (25, 25, 40)}  # day: near white, night
 _HUES = {"disc": 0.0, "box": 120.0, "triangle": 230.0, "wire": 55.0, "dot": 295.0}
 
 
-class ShapesDataset:
+class ShapesDataset(ProceduralDataset):
     """Procedural segmentation data set (see the module docstring).
 
     Args:
@@ -71,8 +73,10 @@ class ShapesDataset:
         difficulty: 0 (clean) to 1 (noisy colours, thinner wires).
     """
 
+    kind = "shapes"
     classes = CLASSES
     palette = PALETTE
+    split_salts = _SPLIT_SALT
 
     def __init__(
         self,
@@ -87,40 +91,17 @@ class ShapesDataset:
         max_objects: int = 5,
         difficulty: float = 0.5,
     ) -> None:
-        if split not in _SPLIT_SALT:
-            raise ValueError(f"shapes: unknown split {split!r}; valid: {sorted(_SPLIT_SALT)}")
-        if size < 32:
-            raise ValueError(f"shapes: size must be at least 32 pixels, got {size}")
-        if not 0 <= difficulty <= 1:
-            raise ValueError(f"shapes: difficulty must be in [0, 1], got {difficulty}")
+        super().__init__(
+            split, num_images=num_images, num_val_images=num_val_images, size=size, seed=seed, difficulty=difficulty
+        )
         if not 1 <= min_objects <= max_objects:
             raise ValueError(
                 f"shapes: need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}"
             )
-        if num_images < 1 or num_val_images < 1:
-            raise ValueError(
-                f"shapes: num_images and num_val_images must be positive, got {num_images}, "
-                f"{num_val_images}"
-            )
-        self.split = split
-        self.num_images = num_images if split == "train" else num_val_images
-        self.size = size
-        self.seed = seed
         self.min_objects = min_objects
         self.max_objects = max_objects
-        self.difficulty = difficulty
-        self.name = f"shapes/{split}"
 
-    def __len__(self) -> int:
-        return self.num_images
-
-    def source(self, index: int) -> str:
-        return f"shapes:{self.split}:{self.seed}:{index}"
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
-        rng = np.random.default_rng([self.seed, _SPLIT_SALT[self.split], index])
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return draw_scene(rng, self.size, self.min_objects, self.max_objects, self.difficulty)
 
 

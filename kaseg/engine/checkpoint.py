@@ -122,13 +122,18 @@ def _to_json(value: Any, what: str) -> str:
         raise ValueError(f"{what} must hold plain data (JSON) to go into safetensors metadata: {error}") from None
 
 
-def convert_to_safetensors(checkpoint: str | Path, out: str | Path) -> Path:
+def convert_to_safetensors(checkpoint: str | Path, out: str | Path, *, fp16: bool = False) -> Path:
     """The model weights, ``arch`` and run config of a kaseg checkpoint as a safetensors file.
 
     This is what ``kaseg convert`` runs; the training state (optimizer, RNG, ...) is left out.
+    With ``fp16`` the floating-point tensors are stored in half precision (half the file;
+    loading casts them back to the model's float32 parameters).
     """
     state = load_checkpoint(checkpoint)
-    return save_safetensors(state["model"], out, state["arch"], state.get("config"))
+    weights = state["model"]
+    if fp16:
+        weights = {key: value.half() if value.is_floating_point() else value for key, value in weights.items()}
+    return save_safetensors(weights, out, state["arch"], state.get("config"))
 
 
 # ---------------------------------------------------------------- reading
