@@ -83,7 +83,7 @@ class TrainConfig:
     warmup_iterations: int = 0
     warmup_factor: float = 0.1
     grad_clip: float | None = None
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Literal["off", "bf16", "fp16"] = "off"  # bf16: CPUs and GPUs; fp16: GPUs (with a grad scaler)
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False

@@ -149,6 +149,16 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    path = tmp_path / "last.pt"
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint({"arch": {"name": "x"}, "model": {"w": torch.ones(3)}}, path)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
 def test_loading_into_another_architecture_names_both(tmp_path):
     small = build_model("deeplabv3_mobilenetv2", num_classes=8, width=0.35, head_channels=8)
     path = tmp_path / "small.pt"

@@ -55,6 +55,10 @@ def _write_atomically(path: str | Path, write: Callable[[io.BufferedWriter], Non
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        # mkstemp creates the file private (0600); give it the permissions of an ordinary new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -253,6 +253,9 @@ def _prepare(job: TrainingJob, config: Config, device: torch.device) -> _Loop:
         warmup_factor=train.warmup_factor,
     )
     use_cuda_amp = device.type == "cuda" and train.amp != "off"
+    # bf16 autocast also runs on CPUs (fast where they have bf16 instructions, e.g. AVX512-BF16);
+    # fp16 autocast is for GPUs only, with its gradient scaler.
+    use_amp = use_cuda_amp or train.amp == "bf16"
     return _Loop(
         module=module,
         forward=module,
@@ -263,7 +266,7 @@ def _prepare(job: TrainingJob, config: Config, device: torch.device) -> _Loop:
         autocast=dict(
             device_type=device.type,
             dtype=torch.float16 if train.amp == "fp16" else torch.bfloat16,
-            enabled=use_cuda_amp,
+            enabled=use_amp,
         ),
     )
 
