@@ -14,9 +14,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _isolated import rss_bytes, run_isolated
 
 GRIDS = [(33, 33), (65, 65), (64, 128), (128, 256)]
 NAIVE_MEMORY_LIMIT_GB = 12.0
@@ -66,7 +66,7 @@ def measure(form: str, height: int, width: int, channels: int, device: str, repe
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times = []
@@ -77,23 +77,13 @@ def measure(form: str, height: int, width: int, channels: int, device: str, repe
     return {"time_ms": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_child(form: str, grid: tuple[int, int], args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable, __file__, "--child", form, str(grid[0]), str(grid[1]),
+    return run_isolated(__file__, [
+        "--child", form, str(grid[0]), str(grid[1]),
         "--channels", str(args.channels), "--device", args.device, "--repeats", str(args.repeats),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    ])
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _isolated import kib_field, rss_bytes, run_isolated
 
 GRIDS = [(33, 33), (65, 65)]
 TEMPERATURE = 0.1
@@ -76,7 +76,7 @@ def measure(form: str, height: int, width: int, batch: int, channels: int, devic
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     first_ms = (time.perf_counter() - start) * 1000
@@ -90,27 +90,15 @@ def measure(form: str, height: int, width: int, batch: int, channels: int, devic
     return {"time_ms": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
 
 
-def _kib_field(path: str, key: str) -> int:
-    with open(path) as info:
-        for line in info:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
-def _rss_bytes() -> int:
-    return _kib_field("/proc/self/status", "VmRSS:")
 
 
 def run_child(form: str, grid: tuple[int, int], args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable, __file__, "--child", form, str(grid[0]), str(grid[1]), "--batch", str(args.batch),
+    return run_isolated(__file__, [
+        "--child", form, str(grid[0]), str(grid[1]), "--batch", str(args.batch),
         "--channels", str(args.channels), "--device", args.device, "--repeats", str(args.repeats),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    ])
 
 
 def main() -> None:
@@ -135,7 +123,7 @@ def main() -> None:
         row["blocked"] = run_child("blocked", grid, args)
         # Kept for the backward per pair: log p_s and p_t (N x N each), plus a few in flight.
         per_pair_bytes = (2 * args.batch**2 + 4) * positions**2 * 4
-        available = _kib_field("/proc/meminfo", "MemAvailable:") if args.device == "cpu" else float("inf")
+        available = kib_field("/proc/meminfo", "MemAvailable:") if args.device == "cpu" else float("inf")
         if per_pair_bytes > 0.8 * available:
             row["per_pair"] = {"skipped": f"needs about {per_pair_bytes / 2**30:.0f} GB"}
         else:
