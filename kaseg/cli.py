@@ -91,17 +91,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from kaseg.config import ConfigError
-    from kaseg.engine.checkpoint import CheckpointError
-    from kaseg.tools.bench import load_any_model
+    from kaseg.tools.bench import build_model_spec
     from kaseg.tools.profile import model_profile
 
-    try:
-        model = load_any_model(args.model, _parse_model_args(args.model_args))
-    except CheckpointError:
-        raise
-    except (ValueError, TypeError, ImportError) as error:  # a model name, argument or feature tap
-        raise ConfigError(f"model {args.model!r}: {error}") from None
+    model = build_model_spec(args.model, _parse_model_args(args.model_args))
     profile = model_profile(model, tuple(args.size))
     if args.json:
         _print_json({"model": args.model, **profile})

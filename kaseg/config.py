@@ -464,6 +464,13 @@ def _check_data(data: DataConfig) -> None:
                 check_value(hints[option], value, f"data.options.{option}")
             except TypeError:  # a type the config types do not cover
                 pass
+    # Data sets with a fixed set of splits name them (the others read split lists from disk).
+    splits = cls.split_salts if issubclass(cls, ProceduralDataset) else getattr(cls, "known_splits", None)
+    for key in ("train_split", "val_split"):
+        if splits is not None and getattr(data, key) not in splits:
+            raise ConfigError(
+                f"data.{key}: data set {data.name!r} has no split {getattr(data, key)!r}; valid: {', '.join(splits)}"
+            )
     if data.root is None and not issubclass(cls, ProceduralDataset):
         raise ConfigError(f"data.root: data set {data.name!r} needs data.root, the folder it is stored in")
     if data.hflip and not getattr(cls, "mirror_symmetric", True):

@@ -244,3 +244,19 @@ def test_fastest_latency_returns_the_fastest_path() -> None:
     assert result["paths"][result["path"]] == best
     with pytest.raises(ValueError, match="unknown inference path"):
         fastest_latency(model, SIZE, runs=1, paths=["tensorrt"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["bench", "no_such_model", "--size", "64", "64"], "model 'no_such_model': unknown model"),
+        (["bench", "deeplabv3_mobilenetv2:width=3", "--size", "64", "64"], "width must be one of"),
+        (["info", "deeplabv3_mobilenetv2", "width=3"], "width must be one of"),
+    ],
+)
+def test_bad_model_specs_are_one_line_errors(capsys, argv: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -102,6 +102,8 @@ CONFIG_ERRORS = {
     "unknown-data-option": ("data.options={nosuch: 1}", "data.options", "split_ratio"),
     "bad-data-option-type": ("data.options={split_ratio: half}", "data.options.split_ratio", "float"),
     "flip-of-asymmetric-classes": ("data.name=mosaic", "data.hflip", "hflip=false"),
+    "unknown-split": (["data.name=mosaic", "data.hflip=false", "data.val_split=bogus"], "data.val_split",
+                      "train, val, test"),
     "negative-iterations": ("train.iterations=-5", "train.iterations", ">= 1"),
     "zero-batch-size": ("data.batch_size=0", "data.batch_size", ">= 1"),
     "zero-learning-rate": ("train.lr=0", "train.lr", "> 0"),
@@ -151,7 +153,8 @@ def test_without_a_config_error_the_missing_files_are_what_fails(tmp_path, capsy
 def test_config_errors_are_one_line_before_any_file_is_read(tmp_path, capsys, error):
     override, key, valid = CONFIG_ERRORS[error]
     path, missing = _config_without_files(tmp_path)
-    code, errors, err = _run_distill([str(path), override], capsys)
+    overrides = [override] if isinstance(override, str) else override
+    code, errors, err = _run_distill([str(path), *overrides], capsys)
     assert code == 2
     assert len(errors) == 1, err
     assert "Traceback" not in err

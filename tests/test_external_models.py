@@ -601,3 +601,45 @@ def test_readme_training_loop_example(tmp_path, monkeypatch):
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(images)["out"], student_net.eval()(images)["out"])
+
+
+class _TouchOnUnpickle:
+    """A pickled object that creates a file when it is unpickled: the stand-in for code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _cache_torchvision_weights(tmp_path, monkeypatch, payload) -> Path:
+    """Puts ``payload`` in an empty torch hub cache as MobileNetV3-Large's ImageNet weights."""
+    weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(payload, cached)
+    return cached
+
+
+def test_torchvision_hub_weights_load_as_tensors_only(tmp_path, monkeypatch):
+    state = torchvision.models.mobilenet_v3_large().state_dict()
+    _cache_torchvision_weights(tmp_path, monkeypatch, state)
+    model = build_external("torchvision", name="lraspp_mobilenet_v3_large", num_classes=21,
+                           kwargs={"weights_backbone": "DEFAULT"})
+    loaded = model.model.backbone.state_dict()
+    assert loaded and all(torch.equal(value, state[f"features.{key}"]) for key, value in loaded.items())
+
+
+def test_torchvision_hub_weights_that_hold_code_are_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    _cache_torchvision_weights(tmp_path, monkeypatch, {"features.0.0.weight": _TouchOnUnpickle(marker)})
+    with pytest.raises(PretrainedWeightsError, match="could not load torchvision weights"):
+        build_external("torchvision", name="lraspp_mobilenet_v3_large", num_classes=21,
+                       kwargs={"weights_backbone": "DEFAULT"})
+    assert not marker.exists()
+    # The loader torchvision uses is restored afterwards.
+    import torchvision.models._api as api
+
+    assert api.load_state_dict_from_url is torch.hub.load_state_dict_from_url

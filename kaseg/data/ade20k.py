@@ -69,6 +69,8 @@ class ADE20KDataset(FileSegmentationDataset):
         split: ``train`` or ``val`` (or the folder names ``training``, ``validation``).
     """
 
+    known_splits = tuple(ADE20K_SPLITS)
+
     def __init__(self, root: str, split: str) -> None:
         if split not in ADE20K_SPLITS:
             raise ValueError(

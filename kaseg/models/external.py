@@ -17,8 +17,10 @@ kaseg, and weights from elsewhere load into the wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -486,7 +488,8 @@ def _build_torchvision(name: str | None, num_classes: int, kwargs: dict[str, Any
     for weight in weights:
         _require_torch_hub_file(weight.url, f"torchvision weights {weight}")
     try:
-        model = builder(**arguments)
+        with _tensor_only_hub_loading():
+            model = builder(**arguments)
     except (TypeError, ValueError) as error:
         raise type(error)(f"torchvision {name}: {error} (model.kwargs: {sorted(kwargs)})") from None
     except Exception as error:
@@ -498,6 +501,27 @@ def _build_torchvision(name: str | None, num_classes: int, kwargs: dict[str, Any
         # trains it, and without it the state dict is that of `builder(num_classes=K)`.
         model.aux_classifier = None
     return model
+
+
+@contextlib.contextmanager
+def _tensor_only_hub_loading() -> Iterator[None]:
+    """Published torchvision weights read with ``weights_only=True``, like every other file.
+
+    torchvision's ``Weights.get_state_dict`` calls ``torch.hub.load_state_dict_from_url``,
+    whose ``weights_only`` defaults to False (a full unpickle); the published files are
+    plain state dicts, so they load the same way with the safe reader.
+    """
+    import torchvision.models._api as api
+
+    original = getattr(api, "load_state_dict_from_url", None)
+    if original is None:  # another torchvision layout: its own (hash-checked) loader
+        yield
+        return
+    api.load_state_dict_from_url = functools.partial(torch.hub.load_state_dict_from_url, weights_only=True)
+    try:
+        yield
+    finally:
+        api.load_state_dict_from_url = original
 
 
 def torchvision_weights(name: str, arguments: Mapping[str, Any]) -> list[Any]:

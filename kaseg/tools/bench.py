@@ -88,6 +88,19 @@ def load_any_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return build_model(spec, **{"num_classes": DEFAULT_NUM_CLASSES, **kwargs}).eval()
 
 
+def build_model_spec(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """:func:`load_any_model`, with a bad name or argument raised as a one-line config error."""
+    from kaseg.config import ConfigError
+    from kaseg.engine.checkpoint import CheckpointError
+
+    try:
+        return load_any_model(spec, kwargs)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, ImportError) as error:  # a model name, argument or feature tap
+        raise ConfigError(f"model {spec!r}: {error}") from None
+
+
 def parse_model_spec(text: str) -> tuple[str, dict[str, Any]]:
     """``"name:key=value,key=value"`` -> ``(name, {key: value})``; values are YAML.
 
@@ -362,9 +375,10 @@ def bench(
     rows = []
     with torch_threads(threads) as used:
         peak_gflops = _device_peak(target, used) if peak else None
-        for spec in models:
-            name, kwargs = parse_model_spec(spec)
-            model = load_any_model(name, kwargs).to(target)
+        # Every model is built before any is timed, so a bad spec fails at once.
+        built = [(spec, build_model_spec(*parse_model_spec(spec))) for spec in models]
+        for spec, model in built:
+            model = model.to(target)
             profile = model_profile(model, (height, width))
             row: dict[str, Any] = {
                 "model": spec,
