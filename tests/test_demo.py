@@ -56,3 +56,17 @@ def check_summary(out, summary, runs):
     report = (out / "report.html").read_text()
     assert "samples.png" in report and "student + KA + affinity" in report and "Transferable headroom" in report
     assert len(list(out.glob("*/checkpoints/last.pt"))) == runs
+
+
+def test_full_demo_schedule(tmp_path):
+    from kaseg.tools.demo import DEMO_ITERATIONS, demo_stages, stage_config
+
+    configs = {stage.name: stage_config(stage, tmp_path, quick=False, seed=3)
+               for stage in demo_stages(tmp_path, compare=True, train_teacher=True)}
+    assert configs["teacher"].train.iterations == 4000  # the shipped teacher's own schedule
+    assert configs["autoencoder"].train.iterations == DEMO_ITERATIONS["autoencoder"]
+    students = [name for name in configs if name not in ("teacher", "autoencoder")]
+    assert "compare-kd" in students
+    # Every student (alone, distilled, compared) trains on one schedule from one seed.
+    assert {configs[name].train.iterations for name in students} == {DEMO_ITERATIONS["student"]}
+    assert {configs[name].seed for name in configs} == {3}

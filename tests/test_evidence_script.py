@@ -66,3 +66,18 @@ def test_confirmation_table_pairs_each_seed_with_its_student_alone(evidence, tmp
     table = evidence.table(PROTOCOL, tmp_path, "test")
     assert "| ka-x1 | 63.00 ± 0.00 | +2.00 (+1.00..+3.00) | 3: 63.00 (+3.00), 4: 63.00 (+1.00) |" in table
     assert "| kd-x0.5 | (missing on some seed) | | |" in table
+
+
+def test_the_shipped_mosaic_configs_use_the_protocols_base_weights(evidence):
+    """The demo's distilled student and its comparison methods are the protocol's methods
+    at multiplier 1, so the demo and the evidence table measure the same thing."""
+    from kaseg.config import load_config
+    from kaseg.tools.demo import CONFIGS
+
+    methods = evidence.read_protocol()["methods"]
+    configs = {"ka": CONFIGS / "distill.yaml"} | {p.stem: p for p in (CONFIGS / "compare").glob("*.yaml")}
+    assert set(configs) == set(methods)
+    for name, path in configs.items():
+        config = load_config(path)
+        assert list(config.distill.losses) == methods[name]["losses"], name
+        assert config.distill.autoencoder == methods[name].get("autoencoder", False), name

@@ -49,6 +49,11 @@ QUICK = [
     "train.eval_every=0",
 ]
 QUICK_ITERATIONS = {"teacher": 20, "student": 20, "autoencoder": 10, "distill": 20}
+# The demo's schedule, shorter than the stage configs' (2000 student iterations, the
+# evidence protocol's) so that `make demo` fits its time budget on 2 CPU cores; the
+# teacher, when retrained, keeps its config's schedule.
+DEMO_ITERATIONS = {"student": 1000, "autoencoder": 200, "distill": 1000}
+DEMO_EVAL_EVERY = 250
 # Diagnostics budget: images scored on each split and Adam steps per fitted grid.
 DIAGNOSE_IMAGES = 200
 DIAGNOSE_STEPS = 100
@@ -102,6 +107,11 @@ def stage_config(stage: Stage, out: Path, quick: bool, seed: int) -> Config:
     if quick:
         iterations = QUICK_ITERATIONS.get(stage.name, QUICK_ITERATIONS["distill"])
         overrides += QUICK + [f"train.iterations={iterations}"]
+    elif stage.name != "teacher":
+        iterations = DEMO_ITERATIONS.get(stage.name, DEMO_ITERATIONS["distill"])
+        overrides += [f"train.iterations={iterations}"]
+        if stage.name != "autoencoder":
+            overrides += [f"train.eval_every={DEMO_EVAL_EVERY}"]
     return load_config(CONFIGS / stage.config_file, overrides + stage.overrides)
 
 
