@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("evidence/mosaic"))
     parser.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds for this step")
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all of the protocol)")
+    parser.add_argument("--multipliers", type=float, nargs="+",
+                        help="tune: only these of the protocol's multipliers (to split the work)")
     args = parser.parse_args()
     protocol = read_protocol()
     methods = args.methods or list(protocol["methods"])
@@ -228,7 +230,10 @@ def main() -> None:
         seed = (args.seeds or protocol["development_seeds"])[0]
         print(json.dumps(magnitudes(protocol, args.runs, seed), indent=2))
     elif args.step == "tune":
-        plan = {key: protocol["multipliers"] for key in methods}
+        unknown = sorted(set(args.multipliers or []) - set(protocol["multipliers"]))
+        if unknown:
+            parser.error(f"--multipliers {unknown} are not in the protocol's {protocol['multipliers']}")
+        plan = {key: args.multipliers or protocol["multipliers"] for key in methods}
         for seed in args.seeds or protocol["development_seeds"]:
             run_seed(seed, plan, protocol, args.runs, args.results, test_split=False, store=store)
         print(tuning_table(protocol, args.results))
