@@ -16,7 +16,7 @@ import resource
 import statistics
 import time
 
-from _isolated import rss_bytes, run_isolated
+from _isolated import ratios, result_cell, rss_bytes, run_isolated
 
 GRIDS = [(33, 33), (65, 65), (64, 128), (128, 256)]
 NAIVE_MEMORY_LIMIT_GB = 12.0
@@ -110,9 +110,7 @@ def main() -> None:
             row["naive"] = {"skipped": f"needs about {naive_gb:.0f} GB for its N x N matrices"}
         else:
             row["naive"] = run_child("naive", grid, args)
-        if "time_ms" in row["naive"] and "time_ms" in row["gram"]:
-            row["speedup"] = row["naive"]["time_ms"] / row["gram"]["time_ms"]
-            row["memory_ratio"] = row["naive"]["peak_mb"] / max(row["gram"]["peak_mb"], 1e-3)
+        row.update(ratios(row["naive"], row["gram"]))
         rows.append(row)
         if not args.json:
             print(_format_row(row), flush=True)
@@ -121,15 +119,11 @@ def main() -> None:
 
 
 def _format_row(row: dict) -> str:
-    def cell(result: dict) -> str:
-        if "time_ms" in result:
-            return f"{result['time_ms']:9.1f} ms {result['peak_mb']:9.1f} MB"
-        return f"{result.get('skipped', result.get('error', '?'))[:28]:>25s}"
-
-    ratios = ""
-    if "speedup" in row:
-        ratios = f"  {row['speedup']:6.1f}x faster, {row['memory_ratio']:7.1f}x less memory"
-    return f"{row['grid']:>8s} (N={row['positions']:6d})  gram {cell(row['gram'])}  naive {cell(row['naive'])}{ratios}"
+    gains = ""
+    if "time_ratio" in row:
+        gains = f"  {row['time_ratio']:6.1f}x faster, {row['memory_ratio']:7.1f}x less memory"
+    return (f"{row['grid']:>8s} (N={row['positions']:6d})  gram {result_cell(row['gram'])}  "
+            f"naive {result_cell(row['naive'])}{gains}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import resource
 import statistics
 import time
 
-from _isolated import kib_field, rss_bytes, run_isolated
+from _isolated import kib_field, ratios, result_cell, rss_bytes, run_isolated
 
 GRIDS = [(33, 33), (65, 65)]
 TEMPERATURE = 0.1
@@ -128,9 +128,7 @@ def main() -> None:
             row["per_pair"] = {"skipped": f"needs about {per_pair_bytes / 2**30:.0f} GB"}
         else:
             row["per_pair"] = run_child("per_pair", grid, args)
-        if "time_ms" in row["per_pair"] and "time_ms" in row["blocked"]:
-            row["time_ratio"] = row["per_pair"]["time_ms"] / row["blocked"]["time_ms"]
-            row["memory_ratio"] = row["per_pair"]["peak_mb"] / max(row["blocked"]["peak_mb"], 1e-3)
+        row.update(ratios(row["per_pair"], row["blocked"]))
         rows.append(row)
         if not args.json:
             print(_format_row(row), flush=True)
@@ -139,17 +137,12 @@ def main() -> None:
 
 
 def _format_row(row: dict) -> str:
-    def cell(result: dict) -> str:
-        if "time_ms" in result:
-            return f"{result['time_ms']:9.1f} ms {result['peak_mb']:9.1f} MB"
-        return f"{result.get('skipped', result.get('error', '?'))[:28]:>25s}"
-
-    ratios = ""
+    gains = ""
     if "time_ratio" in row:
-        ratios = f"  per-pair/blocked: time {row['time_ratio']:5.2f}x, memory {row['memory_ratio']:7.1f}x"
+        gains = f"  per-pair/blocked: time {row['time_ratio']:5.2f}x, memory {row['memory_ratio']:7.1f}x"
     return (
-        f"{row['grid']:>6s} x B={row['batch']} (N={row['positions']:5d})  blocked {cell(row['blocked'])}  "
-        f"per-pair {cell(row['per_pair'])}{ratios}"
+        f"{row['grid']:>6s} x B={row['batch']} (N={row['positions']:5d})  blocked {result_cell(row['blocked'])}  "
+        f"per-pair {result_cell(row['per_pair'])}{gains}"
     )
 
 
