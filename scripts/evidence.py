@@ -223,6 +223,10 @@ def main() -> None:
                         help="tune: only these of the protocol's multipliers (to split the work)")
     args = parser.parse_args()
     protocol = read_protocol()
+    schedule = load_config(CONFIGS / "student.yaml").train.iterations
+    if protocol.get("iterations") != schedule:
+        parser.error(f"the protocol's iterations ({protocol.get('iterations')}) differ from "
+                     f"kaseg/configs/mosaic/student.yaml's ({schedule}): its results would not compare")
     methods = args.methods or list(protocol["methods"])
     cache_mb = load_config(CONFIGS / "distill.yaml").teacher.cache_mb
     store = TeacherFeatureStore(cache_mb) if cache_mb > 0 else None

@@ -74,7 +74,9 @@ def test_the_shipped_mosaic_configs_use_the_protocols_base_weights(evidence):
     from kaseg.config import load_config
     from kaseg.tools.demo import CONFIGS
 
-    methods = evidence.read_protocol()["methods"]
+    protocol = evidence.read_protocol()
+    methods = protocol["methods"]
+    assert load_config(CONFIGS / "student.yaml").train.iterations == protocol["iterations"]
     configs = {"ka": CONFIGS / "distill.yaml"} | {p.stem: p for p in (CONFIGS / "compare").glob("*.yaml")}
     assert set(configs) == set(methods)
     for name, path in configs.items():
