@@ -49,11 +49,14 @@ QUICK = [
     "train.eval_every=0",
 ]
 QUICK_ITERATIONS = {"teacher": 20, "student": 20, "autoencoder": 10, "distill": 20}
-# The demo's schedule, shorter than the stage configs' (2000 student iterations, the
-# evidence protocol's) so that `make demo` fits its time budget on 2 CPU cores; the
-# teacher, when retrained, keeps its config's schedule.
-DEMO_ITERATIONS = {"student": 1000, "autoencoder": 200, "distill": 1000}
-DEMO_EVAL_EVERY = 250
+# The demo's schedule, far shorter than the stage configs' (4000 student iterations, the
+# evidence protocol's) so that `make demo` fits its 15-minute budget on 2 CPU cores (1000
+# iterations took 18.3 min); the teacher, when retrained, keeps its config's schedule.
+# On this benchmark the distilled student trails the student alone on short schedules
+# and leads after ~2000 iterations: the demo shows the flow and the diagnostics, the
+# evidence protocol decides whether a method pays.
+DEMO_ITERATIONS = {"student": 600, "autoencoder": 100, "distill": 600}
+DEMO_EVAL_EVERY = 200
 # Diagnostics budget: images scored on each split and Adam steps per fitted grid.
 DIAGNOSE_IMAGES = 200
 DIAGNOSE_STEPS = 100
@@ -195,6 +198,8 @@ def run_demo(
             "teacher_miou_through_reconstruction": autoencoder_metrics.get("miou"),
             "relative_error": autoencoder_metrics["relative_error"],
         },
+        "iterations": student_config.train.iterations,
+        "config_iterations": load_config(CONFIGS / "student.yaml").train.iterations,
         "gain_miou": _by_run(rows, "distill")["miou"] - _by_run(rows, "student")["miou"],
         "gains": {row["run"]: row["miou"] - _by_run(rows, "student")["miou"] for row in rows[2:]},
     }
@@ -265,6 +270,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     for run, gain in summary["gains"].items():
         label = _by_run(summary["rows"], run)["model"]
         lines.append(f"{label} vs student alone (same initialisation and data): {gain:+.2f} mIoU")
+    if summary["iterations"] < summary["config_iterations"]:
+        lines.append(
+            f"students trained {summary['iterations']} iterations here, the configs' schedule is "
+            f"{summary['config_iterations']}: short schedules favour the student alone (README, Evidence)"
+        )
     if summary.get("diagnosis"):
         lines += [f"* {note}" for note in summary["diagnosis"]["notes"]]
     lines.append(f"total time {summary['seconds'] / 60:.1f} min (teacher: {summary['teacher']})")
