@@ -70,3 +70,12 @@ def test_full_demo_schedule(tmp_path):
     # Every student (alone, distilled, compared) trains on one schedule from one seed.
     assert {configs[name].train.iterations for name in students} == {DEMO_ITERATIONS["student"]}
     assert {configs[name].seed for name in configs} == {3}
+
+
+def test_full_demo_keeps_the_configs_schedule(tmp_path):
+    from kaseg.config import load_config
+    from kaseg.tools.demo import CONFIGS, demo_stages, stage_config
+
+    for stage in demo_stages(tmp_path, compare=False):
+        config = stage_config(stage, tmp_path, quick=False, seed=0, full=True)
+        assert config.train.iterations == load_config(CONFIGS / stage.config_file).train.iterations

@@ -93,6 +93,21 @@ def test_resume_restores_iteration_schedule_and_learning_rate(tmp_path):
     assert config.train.resume is None
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.iterations=6", "train.iterations 4 -> 6"), ("train.lr=0.5", "train.lr"), ("seed=7", "seed 0 -> 7"),
+     ("data.batch_size=3", "data.batch_size")],
+)
+def test_resuming_with_another_schedule_is_refused(tmp_path, override, message):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, "short", train={"iterations": 4}))
+    train_segmenter(load_config(path), progress=False)
+    before = load_checkpoint(tmp_path / "short" / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=f"config changed since that run .*{message}"):
+        train_segmenter(load_config(path, ["train.resume=auto", override]), progress=False)
+    after = load_checkpoint(tmp_path / "short" / "checkpoints" / "last.pt")
+    assert after["iteration"] == before["iteration"]  # nothing was trained or overwritten
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, "once", train={"iterations": 1}))
     train_segmenter(load_config(path), progress=False)

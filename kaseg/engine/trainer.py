@@ -203,7 +203,7 @@ def fit(
     loop = _prepare(job, config, device)
     saved_metrics = None
     if resume_from is not None:
-        saved_metrics = _restore(loop, job, resume_from)
+        saved_metrics = _restore(loop, job, resume_from, config)
         if main:
             logger.info("resumed from %s at iteration %d", resume_from, loop.start)
     loop.forward = _wrap(loop.module, config, device)
@@ -271,7 +271,15 @@ def _prepare(job: TrainingJob, config: Config, device: torch.device) -> _Loop:
     )
 
 
-def _restore(loop: _Loop, job: TrainingJob, path: Path) -> dict[str, Any] | None:
+# The settings a resumed run must share with the run it continues: with another value the
+# result would be neither run (the learning-rate schedule, say, would jump).
+RESUME_KEYS = (
+    ("seed",), ("train", "iterations"), ("train", "lr"), ("train", "warmup_iterations"),
+    ("train", "optimizer"), ("data", "batch_size"),
+)
+
+
+def _restore(loop: _Loop, job: TrainingJob, path: Path, config: Config) -> dict[str, Any] | None:
     """Step 2: weights, optimizer, scheduler, scaler, RNG states and the iteration of ``path``;
     returns the metrics saved with it."""
     state = load_checkpoint(path)
@@ -281,6 +289,8 @@ def _restore(loop: _Loop, job: TrainingJob, path: Path) -> dict[str, Any] | None
             f"cannot resume from {str(path)!r}: it holds weights but no training state ({', '.join(missing)}); "
             "resume from the last.pt of a kaseg run"
         )
+    if isinstance(state.get("config"), dict):
+        _check_same_schedule(state["config"], to_dict(config), path)
     check_arch(state["arch"], job.export.arch, path)
     job.trainable.load_state_dict(state.get("trainable", state["model"]))
     loop.optimizer.load_state_dict(state["optimizer"])
@@ -289,6 +299,24 @@ def _restore(loop: _Loop, job: TrainingJob, path: Path) -> dict[str, Any] | None
     _set_rng_state(state["rng"])
     loop.start, loop.best = state["iteration"], state["best"]
     return state.get("metrics")
+
+
+def _check_same_schedule(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    def value(tree: dict[str, Any], keys: tuple[str, ...]) -> Any:
+        for key in keys:
+            tree = tree.get(key, {}) if isinstance(tree, dict) else {}
+        return tree
+
+    changed = [
+        f"{'.'.join(keys)} {value(saved, keys)!r} -> {value(current, keys)!r}"
+        for keys in RESUME_KEYS
+        if value(saved, keys) != value(current, keys)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: the config changed since that run ({'; '.join(changed)}); "
+            "resume with the run's own settings, or start a new run (another name or output_dir)"
+        )
 
 
 def _wrap(module: nn.Module, config: Config, device: torch.device) -> nn.Module | Callable:

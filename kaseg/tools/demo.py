@@ -105,12 +105,14 @@ def demo_stages(
     return stages
 
 
-def stage_config(stage: Stage, out: Path, quick: bool, seed: int) -> Config:
+def stage_config(stage: Stage, out: Path, quick: bool, seed: int, full: bool = False) -> Config:
+    """The stage's config: ``quick`` shrinks everything, ``full`` keeps the configs' schedule,
+    and by default the students and the auto-encoder get the demo's short schedule."""
     overrides = [f"output_dir={out}", f"name={stage.name}", f"seed={seed}", "train.resume=auto"]
     if quick:
         iterations = QUICK_ITERATIONS.get(stage.name, QUICK_ITERATIONS["distill"])
         overrides += QUICK + [f"train.iterations={iterations}"]
-    elif stage.name != "teacher":
+    elif not full and stage.name != "teacher":
         iterations = DEMO_ITERATIONS.get(stage.name, DEMO_ITERATIONS["distill"])
         overrides += [f"train.iterations={iterations}"]
         if stage.name != "autoencoder":
@@ -155,6 +157,7 @@ def run_demo(
     out: str | Path,
     *,
     quick: bool = False,
+    full: bool = False,
     compare: bool = False,
     seed: int = 0,
     train_teacher: bool = False,
@@ -174,7 +177,7 @@ def run_demo(
     stages = demo_stages(out, compare, train_teacher, TeacherFeatureStore(cache_mb) if cache_mb > 0 else None)
     results = {}
     for stage in stages:
-        config = stage_config(stage, out, quick, seed)
+        config = stage_config(stage, out, quick, seed, full)
         results[stage.name] = (config, run_stage(stage, config))
     train_seconds = time.perf_counter() - started
 
