@@ -262,9 +262,10 @@ def test_resuming_from_weights_only_is_a_clear_error(tmp_path, genuine):
     save_safetensors(state["model"], out, state["arch"])
     model = build_model_from_arch(state["arch"])
     job = TrainingJob(module=model, trainable=model, export=model, evaluate=dict)
-    loop = _prepare(job, load_config(None, ["model.width=0.35"]), torch.device("cpu"))
+    config = load_config(None, ["model.width=0.35"])
+    loop = _prepare(job, config, torch.device("cpu"))
     with pytest.raises(CheckpointError, match="holds weights but no training state"):
-        _restore(loop, job, out)
+        _restore(loop, job, out, config)
 
 
 # ---------------------------------------------------------------- plain weights files
