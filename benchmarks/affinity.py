@@ -77,8 +77,6 @@ def measure(form: str, height: int, width: int, channels: int, device: str, repe
     return {"time_ms": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
 
 
-
-
 def run_child(form: str, grid: tuple[int, int], args: argparse.Namespace) -> dict:
     return run_isolated(__file__, [
         "--child", form, str(grid[0]), str(grid[1]),

@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--multipliers", type=float, nargs="+",
                         help="tune: only these of the protocol's multipliers (to split the work)")
     args = parser.parse_args()
+    if args.multipliers and args.step != "tune":
+        parser.error(f"--multipliers only applies to tune (the {args.step} step takes the protocol's choices)")
     protocol = read_protocol()
     schedule = load_config(CONFIGS / "student.yaml").train.iterations
     if protocol.get("iterations") != schedule:

@@ -372,11 +372,11 @@ def bench(
     paths = ["eager"] + ["channels_last"] * channels_last + ["compile"] * compile
     paths += ["onnx"] * onnx + ["int8"] * int8
 
+    # Every model is built before anything is measured, so a bad spec fails at once.
+    built = [(spec, build_model_spec(*parse_model_spec(spec))) for spec in models]
     rows = []
     with torch_threads(threads) as used:
         peak_gflops = _device_peak(target, used) if peak else None
-        # Every model is built before any is timed, so a bad spec fails at once.
-        built = [(spec, build_model_spec(*parse_model_spec(spec))) for spec in models]
         for spec, model in built:
             model = model.to(target)
             profile = model_profile(model, (height, width))
