@@ -5,6 +5,9 @@
     python scripts/evidence.py select                # keep each method's best multiplier
     python scripts/evidence.py confirm               # confirmation seeds, nothing changed
     python scripts/evidence.py table                 # the README tables
+    python scripts/evidence.py all --parallel 12 --device cuda --deadline 540
+                                                     # every missing run, as many at once as
+                                                     # the machine holds (a GPU), until a deadline
 
 The protocol (methods, base weights, multipliers, seeds) is
 ``evidence/mosaic/protocol.yaml``. Every run is a normal kaseg run folder under
@@ -13,14 +16,25 @@ interrupted; its result is written to ``--results`` (default ``evidence/mosaic``
 the repository), so a later session continues where an earlier one stopped. All runs of a
 seed are paired: the student alone and every distilled student start from the same
 weights and see the same batches.
+
+``all`` runs every missing run of the protocol as separate processes (``job``), up to
+``--parallel`` at a time, most important first: the confirmation of the student alone and
+of knowledge adaptation, then the tuning runs, then each method's confirmation runs as soon
+as its tuning is complete (its multiplier is selected then). It starts no run that the
+slowest finished run says cannot end before ``--deadline``, and stops the runs still going
+at the deadline (their folders resume later).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,8 +64,10 @@ def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip()
 
 
-def config_for(stage: str, seed: int, runs: Path, name: str, extra: list[str] = ()) -> Config:
+def config_for(stage: str, seed: int, runs: Path, name: str, extra: list[str] = (),
+               device: str | None = None) -> Config:
     overrides = [
+        *([f"train.device={device}"] if device else []),
         f"output_dir={runs / f'seed{seed}'}",
         f"name={name}",
         f"seed={seed}",
@@ -62,11 +78,22 @@ def config_for(stage: str, seed: int, runs: Path, name: str, extra: list[str] = 
     return load_config(CONFIGS / stage, overrides + list(extra))
 
 
-def method_config(seed: int, runs: Path, name: str, method: dict[str, Any], multiplier: float) -> Config:
+def method_config(seed: int, runs: Path, name: str, method: dict[str, Any], multiplier: float,
+                  device: str | None = None) -> Config:
     return config_for("distill.yaml", seed, runs, name, [
         f"distill.losses={_flow(scaled_losses(method, multiplier))}",
         f"distill.autoencoder={str(bool(method.get('autoencoder', False))).lower()}",
-    ])
+    ], device)
+
+
+def device_name(config: Config) -> str:
+    """What the run trained on, for its result file."""
+    from kaseg.engine.distributed import local_device
+
+    device = local_device(config.train.device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def run(config: Config, stage, results: Path, record: dict[str, Any], test_split: bool) -> dict[str, Any]:
@@ -87,6 +114,7 @@ def run(config: Config, stage, results: Path, record: dict[str, Any], test_split
         "iterations": config.train.iterations,
         "seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
+        "device": device_name(config),
     }
     if test_split:
         import dataclasses
@@ -99,24 +127,35 @@ def run(config: Config, stage, results: Path, record: dict[str, Any], test_split
     return result
 
 
-def run_seed(seed: int, plan: dict[str, float], protocol: dict[str, Any], runs: Path, results: Path,
-             test_split: bool, store: TeacherFeatureStore | None) -> list[dict[str, Any]]:
+def train_one(seed: int, key: str, multiplier: float | None, protocol: dict[str, Any], runs: Path,
+              results: Path, test_split: bool, store: TeacherFeatureStore | None,
+              device: str | None = None) -> dict[str, Any] | None:
+    """One run of a seed: ``alone``, ``autoencoder`` (no result file: the auto-encoder is a
+    stage of the methods that use it) or a method of the protocol at ``multiplier``."""
+    if key == "alone":
+        return run(config_for("student.yaml", seed, runs, "alone", device=device), train_segmenter, results,
+                   {"method": "alone", "multiplier": None, "losses": []}, test_split)
+    if key == "autoencoder":
+        autoencoder = config_for("autoencoder.yaml", seed, runs, "autoencoder", device=device)
+        if finished_metrics(autoencoder) is None:
+            train_autoencoder(autoencoder, teacher_store=store)
+        return None
+    method = protocol["methods"][key]
+    return run(method_config(seed, runs, f"{key}-x{multiplier:g}", method, multiplier, device),
+               partial(distill, teacher_store=store), results,
+               {"method": key, "multiplier": multiplier, "losses": scaled_losses(method, multiplier)}, test_split)
+
+
+def run_seed(seed: int, plan: dict[str, list[float]], protocol: dict[str, Any], runs: Path, results: Path,
+             test_split: bool, store: TeacherFeatureStore | None, device: str | None = None) -> None:
     """The student alone, the auto-encoder and every (method, multiplier) of ``plan`` for one seed
     (every stage reading the shipped teacher shares ``store``)."""
-    done = [run(config_for("student.yaml", seed, runs, "alone"), train_segmenter, results,
-                {"method": "alone", "multiplier": None, "losses": []}, test_split)]
-    autoencoder = config_for("autoencoder.yaml", seed, runs, "autoencoder")
-    if finished_metrics(autoencoder) is None:
-        train_autoencoder(autoencoder, teacher_store=store)
+    common = dict(protocol=protocol, runs=runs, results=results, test_split=test_split, store=store, device=device)
+    train_one(seed, "alone", None, **common)
+    train_one(seed, "autoencoder", None, **common)
     for key, multipliers in plan.items():
-        method = protocol["methods"][key]
         for multiplier in multipliers:
-            name = f"{key}-x{multiplier:g}"
-            done.append(run(method_config(seed, runs, name, method, multiplier),
-                            partial(distill, teacher_store=store), results,
-                            {"method": key, "multiplier": multiplier,
-                             "losses": scaled_losses(method, multiplier)}, test_split))
-    return done
+            train_one(seed, key, multiplier, **common)
 
 
 def load_results(results: Path, seeds: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
@@ -127,19 +166,154 @@ def load_results(results: Path, seeds: list[int]) -> dict[int, dict[str, dict[st
     return found
 
 
+def select_method(protocol: dict[str, Any], results: Path, key: str) -> float | None:
+    """``key``'s multiplier with the best mean validation mIoU over the development seeds;
+    None while one of its tuning runs is missing."""
+    by_seed = load_results(results, protocol["development_seeds"])
+    scores = {}
+    for multiplier in protocol["multipliers"]:
+        values = [runs.get(f"{key}-x{multiplier:g}", {}).get("val", {}).get("miou") for runs in by_seed.values()]
+        if None in values:
+            return None
+        scores[multiplier] = statistics.mean(values)
+    return max(scores, key=scores.get)
+
+
 def select(protocol: dict[str, Any], results: Path) -> dict[str, float]:
     """Each method's multiplier with the best mean validation mIoU over the development seeds."""
-    by_seed = load_results(results, protocol["development_seeds"])
     chosen = {}
     for key in protocol["methods"]:
-        scores = {}
-        for multiplier in protocol["multipliers"]:
-            values = [runs.get(f"{key}-x{multiplier:g}", {}).get("val", {}).get("miou") for runs in by_seed.values()]
-            if None in values:
-                raise SystemExit(f"method {key} x{multiplier:g} is missing on a development seed; run `tune` first")
-            scores[multiplier] = statistics.mean(values)
-        chosen[key] = max(scores, key=scores.get)
+        chosen[key] = select_method(protocol, results, key)
+        if chosen[key] is None:
+            missing = [m for m in protocol["multipliers"]
+                       if any(f"{key}-x{m:g}" not in runs for runs in
+                              load_results(results, protocol["development_seeds"]).values())]
+            raise SystemExit(f"method {key} x{missing[0]:g} is missing on a development seed; run `tune` first")
     return chosen
+
+
+@dataclass
+class Job:
+    """One run of ``all``; ``multiplier`` None for a method's confirmation run means
+    'the selected one', known once its tuning is complete."""
+
+    seed: int
+    key: str  # alone, autoencoder or a method of the protocol
+    multiplier: float | None
+    test_split: bool
+    tier: int  # lower starts first
+
+    def label(self) -> str:
+        suffix = "" if self.key in ("alone", "autoencoder") else f"-x{self.multiplier:g}" if self.multiplier else "-x?"
+        return f"seed{self.seed}/{self.key}{suffix}"
+
+
+def plan_all(protocol: dict[str, Any], methods: list[str], results: Path, runs: Path) -> list[Job]:
+    """Every run of the protocol whose result is missing, most important first: the
+    confirmation of the student alone and of knowledge adaptation (tier 0), the tuning runs
+    (1), the other methods' confirmation runs (2)."""
+    done = load_results(results, protocol["development_seeds"] + protocol["confirmation_seeds"])
+    jobs = []
+    uses_autoencoder = [key for key in methods if protocol["methods"][key].get("autoencoder")]
+    for seed in protocol["development_seeds"]:
+        if "alone" not in done[seed]:
+            jobs.append(Job(seed, "alone", None, False, 1))
+        for key in methods:
+            jobs += [Job(seed, key, m, False, 1) for m in protocol["multipliers"] if f"{key}-x{m:g}" not in done[seed]]
+    confirmation = [Job(seed, "alone", None, True, 0) for seed in protocol["confirmation_seeds"]
+                    if "alone" not in done[seed]]
+    for key in methods:  # method by method: a method's seeds complete its row
+        chosen = select_method(protocol, results, key)
+        confirmation += [Job(seed, key, None, True, 0 if key == "ka" else 2) for seed in protocol["confirmation_seeds"]
+                         if chosen is None or f"{key}-x{chosen:g}" not in done[seed]]
+    jobs += confirmation
+    for seed in sorted({job.seed for job in jobs if job.key in uses_autoencoder}):
+        if finished_metrics(config_for("autoencoder.yaml", seed, runs, "autoencoder")) is None:
+            jobs.append(Job(seed, "autoencoder", None, False, 0))
+    return sorted(jobs, key=lambda job: (job.tier, job.key != "autoencoder"))
+
+
+def job_command(job: Job, args: argparse.Namespace) -> list[str]:
+    """The ``job`` step that trains ``job`` in its own process."""
+    command = [sys.executable, __file__, "job", "--seeds", str(job.seed), "--methods", job.key,
+               "--runs", str(args.runs), "--results", str(args.results)]
+    command += ["--multipliers", f"{job.multiplier:g}"] if job.multiplier is not None else []
+    command += ["--test-split"] if job.test_split else []
+    return command + (["--device", args.device] if args.device else [])
+
+
+def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Runs ``jobs`` as ``job`` processes, ``args.parallel`` at a time (see the module
+    docstring); returns one line per event: what started, finished, failed or was left."""
+    started = time.monotonic()
+    uses_autoencoder = {key for key, method in protocol["methods"].items() if method.get("autoencoder")}
+    pending, running, report = list(jobs), {}, []
+    finished_autoencoders = {job.seed for job in jobs} - {j.seed for j in jobs if j.key == "autoencoder"}
+    durations: dict[bool, list[float]] = {True: [], False: []}  # keyed by "is an auto-encoder"
+    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
+    logs = args.runs / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def ready(job: Job) -> bool:
+        if awaits_autoencoder(job):
+            return False
+        if job.multiplier is None and job.key not in ("alone", "autoencoder"):
+            job.multiplier = select_method(protocol, args.results, job.key)
+            return job.multiplier is not None
+        return True
+
+    def awaits_autoencoder(job: Job) -> bool:
+        return job.key in uses_autoencoder and job.seed not in finished_autoencoders
+
+    def fits(job: Job, left: float) -> bool:
+        return max(durations[job.key == "autoencoder"], default=0.0) <= left
+
+    def note(line: str) -> None:
+        line = f"[{time.monotonic() - started:6.0f} s] {line}"
+        print(line, flush=True)
+        report.append(line)
+
+    while True:
+        for process, (job, since) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[process]
+            seconds = time.monotonic() - since
+            if process.returncode == 0:
+                durations[job.key == "autoencoder"].append(seconds)
+                finished_autoencoders |= {job.seed} if job.key == "autoencoder" else set()
+                note(f"done {job.label()} in {seconds:.0f} s")
+            else:
+                log = logs / f"{job.label().replace('/', '_')}.log"
+                note(f"FAILED {job.label()} (exit {process.returncode}; log {log})")
+        left = args.deadline - (time.monotonic() - started) if args.deadline else float("inf")
+        if left <= 0:
+            for process, (job, _) in running.items():
+                process.terminate()
+                process.wait()
+                note(f"stopped {job.label()} at the deadline (its run folder resumes later)")
+            running.clear()
+        for job in [j for j in pending if ready(j) and fits(j, left)]:
+            # A waiting job of a higher tier (knowledge adaptation waiting for its seed's
+            # auto-encoder) keeps its place: lower tiers do not take the last free slots.
+            waiting = sum(1 for j in pending if j.tier < job.tier and awaits_autoencoder(j))
+            if len(running) + waiting >= args.parallel:
+                continue
+            pending.remove(job)
+            log = (logs / f"{job.label().replace('/', '_')}.log").open("w")
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            process = subprocess.Popen(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[process] = (job, time.monotonic())
+            note(f"start {job.label()}")
+        if not running:
+            break
+        time.sleep(1.0)
+    for job in pending:
+        why = ("no time left before the deadline" if ready(job) else
+               "its auto-encoder is missing" if awaits_autoencoder(job)
+               else "its tuning is incomplete")
+        note(f"not run {job.label()}: {why}")
+    return report
 
 
 def table(protocol: dict[str, Any], results: Path, split: str) -> str:
@@ -214,22 +388,32 @@ def magnitudes(protocol: dict[str, Any], runs: Path, seed: int) -> dict[str, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["magnitudes", "tune", "select", "confirm", "table"])
+    parser.add_argument("step", choices=["magnitudes", "tune", "select", "confirm", "table", "all", "job"])
     parser.add_argument("--runs", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--results", type=Path, default=Path("evidence/mosaic"))
     parser.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds for this step")
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all of the protocol)")
     parser.add_argument("--multipliers", type=float, nargs="+",
                         help="tune: only these of the protocol's multipliers (to split the work)")
+    parser.add_argument("--device", help="train.device for every run (default: the configs' cpu)")
+    parser.add_argument("--parallel", type=int, default=1, help="all: runs at a time")
+    parser.add_argument("--deadline", type=float, help="all: seconds after which no run starts or continues")
+    parser.add_argument("--test-split", action="store_true", help="job: also score the test split")
     args = parser.parse_args()
-    if args.multipliers and args.step != "tune":
+    if args.multipliers and args.step not in ("tune", "job"):
         parser.error(f"--multipliers only applies to tune (the {args.step} step takes the protocol's choices)")
+    if args.step != "all" and (args.parallel != 1 or args.deadline is not None):
+        parser.error("--parallel and --deadline only apply to all")
     protocol = read_protocol()
     schedule = load_config(CONFIGS / "student.yaml").train.iterations
     if protocol.get("iterations") != schedule:
         parser.error(f"the protocol's iterations ({protocol.get('iterations')}) differ from "
                      f"kaseg/configs/mosaic/student.yaml's ({schedule}): its results would not compare")
     methods = args.methods or list(protocol["methods"])
+    stages = {"alone", "autoencoder"} if args.step == "job" else set()
+    unknown = sorted(set(methods) - set(protocol["methods"]) - stages)
+    if unknown:
+        parser.error(f"--methods {unknown} are not methods of the protocol: {sorted(protocol['methods'])}")
     cache_mb = load_config(CONFIGS / "distill.yaml").teacher.cache_mb
     store = TeacherFeatureStore(cache_mb) if cache_mb > 0 else None
     if args.step == "magnitudes":
@@ -241,7 +425,7 @@ def main() -> None:
             parser.error(f"--multipliers {unknown} are not in the protocol's {protocol['multipliers']}")
         plan = {key: args.multipliers or protocol["multipliers"] for key in methods}
         for seed in args.seeds or protocol["development_seeds"]:
-            run_seed(seed, plan, protocol, args.runs, args.results, test_split=False, store=store)
+            run_seed(seed, plan, protocol, args.runs, args.results, test_split=False, store=store, device=args.device)
         print(tuning_table(protocol, args.results))
     elif args.step == "select":
         chosen = select(protocol, args.results)
@@ -251,8 +435,27 @@ def main() -> None:
         chosen = json.loads((args.results / "selected.json").read_text())
         plan = {key: [chosen[key]] for key in methods}
         for seed in args.seeds or protocol["confirmation_seeds"]:
-            run_seed(seed, plan, protocol, args.runs, args.results, test_split=True, store=store)
+            run_seed(seed, plan, protocol, args.runs, args.results, test_split=True, store=store, device=args.device)
         print(table(protocol, args.results, "test"))
+    elif args.step == "job":
+        if not (args.seeds and len(args.seeds) == 1 and len(methods) == 1 and len(args.multipliers or [None]) == 1):
+            parser.error("job takes one --seeds, one --methods and (for a method) one --multipliers")
+        multiplier = args.multipliers[0] if args.multipliers else None
+        if methods[0] not in ("alone", "autoencoder") and multiplier is None:
+            parser.error(f"job: method {methods[0]} needs --multipliers")
+        train_one(args.seeds[0], methods[0], multiplier, protocol, args.runs, args.results, args.test_split,
+                  store, args.device)
+    elif args.step == "all":
+        jobs = plan_all(protocol, methods, args.results, args.runs)
+        print(f"{len(jobs)} run(s) missing; {args.parallel} at a time on {args.device or 'the configured device'}")
+        run_all(jobs, protocol, args)
+        try:
+            chosen = select(protocol, args.results)
+        except SystemExit as incomplete:
+            print(f"selection incomplete: {incomplete}")
+        else:
+            (args.results / "selected.json").write_text(json.dumps(chosen, indent=2))
+        print(tuning_table(protocol, args.results))
     else:
         print(tuning_table(protocol, args.results))
         for split in ("val", "test"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 from conftest import REPO
@@ -13,6 +14,7 @@ from conftest import REPO
 def evidence():
     spec = importlib.util.spec_from_file_location("evidence", REPO / "scripts" / "evidence.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["evidence"] = module  # its dataclass looks its module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -83,3 +85,77 @@ def test_the_shipped_mosaic_configs_use_the_protocols_base_weights(evidence):
         config = load_config(path)
         assert list(config.distill.losses) == methods[name]["losses"], name
         assert config.distill.autoencoder == methods[name].get("autoencoder", False), name
+
+
+def fake_job(results, scores, seconds=0.0):
+    """A ``job_command`` that writes the result a real run would (``scores[name]`` as its mIoU)."""
+
+    def command(job, args):
+        name = job.label().split("/")[1]
+        path = results / f"seed{job.seed}" / f"{name}.json"
+        score = scores.get(name, 50.0)
+        record = json.dumps({"val": {"miou": score}, "test": {"miou": score}})
+        write = f"p.parent.mkdir(parents=True, exist_ok=True); p.write_text({record!r})"
+        write = "" if job.key == "autoencoder" else write
+        script = f"import pathlib, time; p = pathlib.Path({str(path)!r}); time.sleep({seconds}); {write}"
+        return [sys.executable, "-c", script]
+
+    return command
+
+
+def test_all_runs_the_missing_runs_by_priority_and_confirms_with_the_selected_multiplier(evidence, tmp_path,
+                                                                                           monkeypatch):
+    import argparse
+
+    protocol = {**PROTOCOL, "methods": {"ka": {**PROTOCOL["methods"]["ka"], "autoencoder": True},
+                                        "kd": PROTOCOL["methods"]["kd"]}}
+    results = tmp_path / "results"
+    for name in ("alone", "ka-x0.5", "ka-x1"):
+        write(results, 0, name, val=60.0)
+    jobs = evidence.plan_all(protocol, ["ka", "kd"], results, tmp_path / "runs")
+    assert [job.label() for job in jobs] == [
+        "seed3/autoencoder", "seed4/autoencoder", "seed3/alone", "seed4/alone", "seed3/ka-x?", "seed4/ka-x?",
+        "seed0/kd-x0.5", "seed0/kd-x1", "seed3/kd-x?", "seed4/kd-x?",
+    ]
+    monkeypatch.setattr(evidence, "job_command", fake_job(results, {"kd-x0.5": 58.0, "kd-x1": 61.0}))
+    args = argparse.Namespace(parallel=2, deadline=None, runs=tmp_path / "runs", results=results, device=None)
+    report = evidence.run_all(jobs, protocol, args)
+    started = [line.split("start ")[1] for line in report if "start " in line]
+    assert len(started) == len(jobs) and not [line for line in report if "FAILED" in line or "not run" in line]
+    for seed in (3, 4):  # knowledge adaptation needs its seed's auto-encoder first
+        done = [line for line in report if "done" in line or "start" in line]
+        assert done.index(next(x for x in done if f"done seed{seed}/autoencoder" in x)) < \
+            done.index(next(x for x in done if f"start seed{seed}/ka-x0.5" in x))
+    assert {"seed3/kd-x1", "seed4/kd-x1", "seed3/ka-x0.5", "seed4/ka-x0.5"} <= set(started)
+    assert evidence.select(protocol, results) == {"ka": 0.5, "kd": 1.0}  # ties keep the first
+    assert evidence.plan_all(protocol, ["ka", "kd"], results, tmp_path / "runs") == [
+        job for job in evidence.plan_all(protocol, ["ka"], results, tmp_path / "runs")]  # only auto-encoders
+
+
+def test_all_stops_at_the_deadline_and_says_what_it_left(evidence, tmp_path, monkeypatch):
+    import argparse
+
+    results = tmp_path / "results"
+    jobs = [evidence.Job(0, "kd", m, False, 1) for m in (0.5, 1.0)]
+    monkeypatch.setattr(evidence, "job_command", fake_job(results, {}, seconds=30))
+    args = argparse.Namespace(parallel=1, deadline=2.0, runs=tmp_path / "runs", results=results, device=None)
+    report = evidence.run_all(jobs, PROTOCOL, args)
+    assert any("stopped seed0/kd-x0.5 at the deadline" in line for line in report)
+    assert any("not run seed0/kd-x1: no time left" in line for line in report)
+    assert not (results / "seed0").exists()
+
+
+def test_a_waiting_higher_tier_job_keeps_its_slot(evidence, tmp_path, monkeypatch):
+    import argparse
+
+    protocol = {**PROTOCOL, "methods": {"ka": {**PROTOCOL["methods"]["ka"], "autoencoder": True},
+                                        "kd": PROTOCOL["methods"]["kd"]}}
+    results = tmp_path / "results"
+    jobs = [evidence.Job(3, "autoencoder", None, False, 0), evidence.Job(3, "ka", 1.0, True, 0),
+            evidence.Job(0, "kd", 0.5, False, 1), evidence.Job(0, "kd", 1.0, False, 1)]
+    monkeypatch.setattr(evidence, "job_command", fake_job(results, {}, seconds=1))
+    args = argparse.Namespace(parallel=2, deadline=None, runs=tmp_path / "runs", results=results, device=None)
+    report = [line.split("] ")[1].split(" in ")[0] for line in evidence.run_all(jobs, protocol, args)]
+    # Two slots: the auto-encoder's and the one kept for ka, which waits for it.
+    assert report[:4] == ["start seed3/autoencoder", "done seed3/autoencoder", "start seed3/ka-x1",
+                          "start seed0/kd-x0.5"]

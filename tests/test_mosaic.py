@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kaseg.config import DataConfig
 from kaseg.data import build_train_dataset
@@ -119,3 +120,31 @@ def test_training_with_mirror_flips_is_refused():
         build_train_dataset(config)
     assert len(build_train_dataset(DataConfig(name="mosaic", options={"num_images": 4, "size": 32},
                                               crop_size=(32, 32), hflip=False))) == 4
+
+
+@pytest.mark.parametrize("dataset_class", ["mosaic", "shapes"])
+def test_cache_returns_the_drawn_images_and_is_not_changed_by_callers(dataset_class):
+    from kaseg.data import DATASETS
+
+    cls = DATASETS[dataset_class]
+    drawn = cls(split="val", size=SIZE, num_val_images=5)
+    cached = cls(split="val", size=SIZE, num_val_images=5, cache=True)
+    for index in (0, 4):
+        first_image, first_mask = cached[index]
+        assert first_mask.dtype == drawn[index][1].dtype
+        first_image[:] = 0  # a caller changing its copy in place
+        first_mask[:] = 0
+        again_image, again_mask = cached[index]
+        assert np.array_equal(again_image, drawn[index][0]) and np.array_equal(again_mask, drawn[index][1])
+    assert sorted(cached._cache) == [0, 4]  # drawn once each, then kept
+
+
+def test_cache_is_a_data_option_and_changes_no_batch():
+    options = {"num_images": 6, "size": 32}
+    common = dict(name="mosaic", crop_size=(32, 32), hflip=False, scale_range=(1.0, 1.0))  # the mosaic configs'
+    plain = build_train_dataset(DataConfig(options=options, **common))
+    cached = build_train_dataset(DataConfig(options={**options, "cache": True}, **common))
+    for index in range(6):
+        for _ in range(2):
+            (image_a, mask_a), (image_b, mask_b) = plain[index], cached[index]
+            assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)

@@ -134,5 +134,7 @@ def eval_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
+        # Kept between evaluations: a cached procedural data set then draws each image once.
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(0),
     )

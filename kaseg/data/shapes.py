@@ -1,9 +1,10 @@
 """The built-in procedural data set: shapes whose class needs context and fine resolution.
 
 Every image is drawn on the fly from ``(seed, split, index)``, so nothing is downloaded
-or cached and the train and val splits never share an image (their seeds differ by the
-split's salt). Drawing a 64x64 image takes well under a millisecond, so generating on the
-fly is cheaper than caching to disk and never goes stale when a parameter changes.
+and the train and val splits never share an image (their seeds differ by the split's
+salt). Drawing a 64x64 image takes well under a millisecond, so generating on the fly is
+cheaper than caching to disk and never goes stale when a parameter changes (``cache=True``
+keeps the drawn images in memory instead).
 
 What makes it a distillation problem rather than a toy:
 
@@ -71,6 +72,7 @@ class ShapesDataset(ProceduralDataset):
         seed: base seed; the same seed always gives the same images.
         min_objects, max_objects: objects per image (wires and dots included).
         difficulty: 0 (clean) to 1 (noisy colours, thinner wires).
+        cache: keep every drawn image in memory (see :class:`ProceduralDataset`).
     """
 
     kind = "shapes"
@@ -90,9 +92,11 @@ class ShapesDataset(ProceduralDataset):
         min_objects: int = 2,
         max_objects: int = 5,
         difficulty: float = 0.5,
+        cache: bool = False,
     ) -> None:
         super().__init__(
-            split, num_images=num_images, num_val_images=num_val_images, size=size, seed=seed, difficulty=difficulty
+            split, num_images=num_images, num_val_images=num_val_images, size=size, seed=seed, difficulty=difficulty,
+            cache=cache,
         )
         if not 1 <= min_objects <= max_objects:
             raise ValueError(
