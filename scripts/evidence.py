@@ -318,15 +318,22 @@ def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace)
 
 def table(protocol: dict[str, Any], results: Path, split: str) -> str:
     """Markdown: every confirmation run's mIoU, and the paired gain over the student alone."""
-    chosen = json.loads((results / "selected.json").read_text())
+    selected = results / "selected.json"
+    chosen = json.loads(selected.read_text()) if selected.is_file() else {}
     seeds = protocol["confirmation_seeds"]
     by_seed = load_results(results, seeds)
     lines = [
         f"| method (kept multiplier) | {split} mIoU mean ± std | paired gain mean (min..max) | per seed |",
         "|---|---|---|---|",
     ]
-    names = ["alone"] + [f"{key}-x{chosen[key]:g}" for key in protocol["methods"]]
+    names = ["alone"]
+    for key in protocol["methods"]:
+        multiplier = chosen.get(key, select_method(protocol, results, key))
+        names.append(key if multiplier is None else f"{key}-x{multiplier:g}")
     for name in names:
+        if name in protocol["methods"]:
+            lines.append(f"| {name} | (tuning incomplete) | | |")
+            continue
         if any(name not in runs or split not in runs[name] for runs in by_seed.values()):
             lines.append(f"| {name} | (missing on some seed) | | |")
             continue
