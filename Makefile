@@ -31,10 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/affinity.py
 	$(BIN)/python benchmarks/distill_step.py
 
-evidence: $(STAMP)  ## the README's evidence: tune on the development seed, confirm on fresh seeds (resumable)
-	$(BIN)/python scripts/evidence.py tune
-	$(BIN)/python scripts/evidence.py select
-	$(BIN)/python scripts/evidence.py confirm
+# On a GPU: make evidence EVIDENCE_ARGS="--device cuda --parallel 14"
+evidence: $(STAMP)  ## the README's evidence: every missing run (tuning, selection, confirmation; resumable), then the tables
+	$(BIN)/python scripts/evidence.py all $(EVIDENCE_ARGS)
 	$(BIN)/python scripts/evidence.py table
 
 clean:

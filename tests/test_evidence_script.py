@@ -159,3 +159,15 @@ def test_a_waiting_higher_tier_job_keeps_its_slot(evidence, tmp_path, monkeypatc
     # Two slots: the auto-encoder's and the one kept for ka, which waits for it.
     assert report[:4] == ["start seed3/autoencoder", "done seed3/autoencoder", "start seed3/ka-x1",
                           "start seed0/kd-x0.5"]
+
+
+def test_the_table_selects_what_it_can_before_every_method_is_tuned(evidence, tmp_path):
+    write(tmp_path, 0, "kd-x0.5", val=62.0)
+    write(tmp_path, 0, "kd-x1", val=64.0)
+    for seed in (3, 4):
+        write(tmp_path, seed, "alone", val=60.0)
+        write(tmp_path, seed, "kd-x1", val=61.0)
+    table = evidence.table(PROTOCOL, tmp_path, "val")  # no selected.json yet, ka untuned
+    lines = table.splitlines()
+    assert lines[2].startswith("| alone | 60.00") and lines[3] == "| ka | (tuning incomplete) | | |"
+    assert lines[4].startswith("| kd-x1 | 61.00 ± 0.00 | +1.00 (+1.00..+1.00)")
