@@ -102,7 +102,8 @@ def run(config: Config, stage, results: Path, record: dict[str, Any], test_split
     if path.is_file():
         return json.loads(path.read_text())
     started = time.perf_counter()
-    metrics = finished_metrics(config) or stage(config)
+    reused = finished_metrics(config)  # a run folder trained earlier (or by `kaseg distill`)
+    metrics = reused or stage(config)
     checkpoint = config.run_dir / "checkpoints" / "last.pt"
     result = {
         **record,
@@ -112,9 +113,10 @@ def run(config: Config, stage, results: Path, record: dict[str, Any], test_split
         "curve": [(e["iteration"], e["miou"]) for e in read_metrics(config.run_dir)
                   if e.get("split") == "val" and e.get("miou") is not None],
         "iterations": config.train.iterations,
-        "seconds": time.perf_counter() - started,
-        "threads": torch.get_num_threads(),
-        "device": device_name(config),
+        # Only a run trained here says how long it took and on what.
+        "seconds": None if reused else time.perf_counter() - started,
+        "threads": None if reused else torch.get_num_threads(),
+        "device": None if reused else device_name(config),
     }
     if test_split:
         import dataclasses
