@@ -288,6 +288,10 @@ def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace)
             else:
                 log = logs / f"{job.label().replace('/', '_')}.log"
                 note(f"FAILED {job.label()} (exit {process.returncode}; log {log})")
+                if job.key == "autoencoder":  # its seed's methods that need it cannot run
+                    for dependent in [j for j in pending if j.seed == job.seed and awaits_autoencoder(j)]:
+                        pending.remove(dependent)
+                        note(f"not run {dependent.label()}: its auto-encoder failed")
         left = args.deadline - (time.monotonic() - started) if args.deadline else float("inf")
         if left <= 0:
             for process, (job, _) in running.items():
@@ -302,9 +306,9 @@ def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace)
             if len(running) + waiting >= args.parallel:
                 continue
             pending.remove(job)
-            log = (logs / f"{job.label().replace('/', '_')}.log").open("w")
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-            process = subprocess.Popen(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env)
+            with (logs / f"{job.label().replace('/', '_')}.log").open("w") as log:
+                process = subprocess.Popen(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env)
             running[process] = (job, time.monotonic())
             note(f"start {job.label()}")
         if not running:

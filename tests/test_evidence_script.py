@@ -171,3 +171,21 @@ def test_the_table_selects_what_it_can_before_every_method_is_tuned(evidence, tm
     lines = table.splitlines()
     assert lines[2].startswith("| alone | 60.00") and lines[3] == "| ka | (tuning incomplete) | | |"
     assert lines[4].startswith("| kd-x1 | 61.00 ± 0.00 | +1.00 (+1.00..+1.00)")
+
+
+def test_a_failed_auto_encoder_leaves_its_methods_out_and_the_rest_runs(evidence, tmp_path, monkeypatch):
+    import argparse
+
+    protocol = {**PROTOCOL, "methods": {"ka": {**PROTOCOL["methods"]["ka"], "autoencoder": True},
+                                        "kd": PROTOCOL["methods"]["kd"]}}
+    results = tmp_path / "results"
+    jobs = [evidence.Job(3, "autoencoder", None, False, 0), evidence.Job(3, "ka", 1.0, True, 0),
+            evidence.Job(0, "kd", 0.5, False, 1)]
+    working = fake_job(results, {})
+    monkeypatch.setattr(evidence, "job_command",
+                        lambda job, args: [sys.executable, "-c", "raise SystemExit(3)"] if job.key == "autoencoder"
+                        else working(job, args))
+    args = argparse.Namespace(parallel=1, deadline=None, runs=tmp_path / "runs", results=results, device=None)
+    report = [line.split("] ")[1].split(" in ")[0] for line in evidence.run_all(jobs, protocol, args)]
+    assert report[1].startswith("FAILED seed3/autoencoder (exit 3")
+    assert report[2:] == ["not run seed3/ka-x1: its auto-encoder failed", "start seed0/kd-x0.5", "done seed0/kd-x0.5"]
