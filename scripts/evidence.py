@@ -168,29 +168,33 @@ def load_results(results: Path, seeds: list[int]) -> dict[int, dict[str, dict[st
     return found
 
 
-def select_method(protocol: dict[str, Any], results: Path, key: str) -> float | None:
-    """``key``'s multiplier with the best mean validation mIoU over the development seeds;
-    None while one of its tuning runs is missing."""
+def tuning_scores(protocol: dict[str, Any], results: Path, key: str) -> dict[float, float | None]:
+    """``key``'s mean validation mIoU over the development seeds per multiplier (None where
+    a tuning run is missing)."""
     by_seed = load_results(results, protocol["development_seeds"])
     scores = {}
     for multiplier in protocol["multipliers"]:
         values = [runs.get(f"{key}-x{multiplier:g}", {}).get("val", {}).get("miou") for runs in by_seed.values()]
-        if None in values:
-            return None
-        scores[multiplier] = statistics.mean(values)
-    return max(scores, key=scores.get)
+        scores[multiplier] = None if None in values else statistics.mean(values)
+    return scores
+
+
+def select_method(protocol: dict[str, Any], results: Path, key: str) -> float | None:
+    """``key``'s multiplier with the best mean validation mIoU over the development seeds;
+    None while one of its tuning runs is missing."""
+    scores = tuning_scores(protocol, results, key)
+    return None if None in scores.values() else max(scores, key=scores.get)
 
 
 def select(protocol: dict[str, Any], results: Path) -> dict[str, float]:
     """Each method's multiplier with the best mean validation mIoU over the development seeds."""
     chosen = {}
     for key in protocol["methods"]:
-        chosen[key] = select_method(protocol, results, key)
-        if chosen[key] is None:
-            missing = [m for m in protocol["multipliers"]
-                       if any(f"{key}-x{m:g}" not in runs for runs in
-                              load_results(results, protocol["development_seeds"]).values())]
+        scores = tuning_scores(protocol, results, key)
+        missing = [multiplier for multiplier, score in scores.items() if score is None]
+        if missing:
             raise SystemExit(f"method {key} x{missing[0]:g} is missing on a development seed; run `tune` first")
+        chosen[key] = max(scores, key=scores.get)
     return chosen
 
 
@@ -206,7 +210,10 @@ class Job:
     tier: int  # lower starts first
 
     def label(self) -> str:
-        suffix = "" if self.key in ("alone", "autoencoder") else f"-x{self.multiplier:g}" if self.multiplier else "-x?"
+        if self.key in ("alone", "autoencoder"):
+            suffix = ""
+        else:
+            suffix = "-x?" if self.multiplier is None else f"-x{self.multiplier:g}"
         return f"seed{self.seed}/{self.key}{suffix}"
 
 
