@@ -5,6 +5,8 @@
     python scripts/evidence.py select                # keep each method's best multiplier
     python scripts/evidence.py confirm               # confirmation seeds, nothing changed
     python scripts/evidence.py table                 # the README tables
+    python scripts/evidence.py table --results evidence/mosaic/cpu-check --tuning evidence/mosaic \
+        --methods adapt                              # confirmation seeds rerun on another device
     python scripts/evidence.py all --parallel 12 --device cuda --deadline 540
                                                      # every missing run, as many at once as
                                                      # the machine holds (a GPU), until a deadline
@@ -329,9 +331,13 @@ def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace)
     return report
 
 
-def table(protocol: dict[str, Any], results: Path, split: str) -> str:
-    """Markdown: every confirmation run's mIoU, and the paired gain over the student alone."""
-    selected = results / "selected.json"
+def table(protocol: dict[str, Any], results: Path, split: str, tuning: Path | None = None,
+          methods: list[str] | None = None) -> str:
+    """Markdown: every confirmation run's mIoU, and the paired gain over the student alone.
+    Each method's multiplier comes from ``tuning``'s development seeds (default: ``results``;
+    another folder where the confirmation seeds were rerun on another device, say)."""
+    tuning = tuning or results
+    selected = tuning / "selected.json"
     chosen = json.loads(selected.read_text()) if selected.is_file() else {}
     seeds = protocol["confirmation_seeds"]
     by_seed = load_results(results, seeds)
@@ -340,8 +346,8 @@ def table(protocol: dict[str, Any], results: Path, split: str) -> str:
         "|---|---|---|---|",
     ]
     names = ["alone"]
-    for key in protocol["methods"]:
-        multiplier = chosen.get(key, select_method(protocol, results, key))
+    for key in methods or protocol["methods"]:
+        multiplier = chosen.get(key, select_method(protocol, tuning, key))
         names.append(key if multiplier is None else f"{key}-x{multiplier:g}")
     for name in names:
         if name in protocol["methods"]:
@@ -419,11 +425,16 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="all: runs at a time")
     parser.add_argument("--deadline", type=float, help="all: seconds after which no run starts or continues")
     parser.add_argument("--test-split", action="store_true", help="job: also score the test split")
+    parser.add_argument("--tuning", type=Path,
+                        help="table: the results folder whose development seeds choose each method's multiplier "
+                             "(default: --results)")
     args = parser.parse_args()
     if args.multipliers and args.step not in ("tune", "job"):
         parser.error(f"--multipliers only applies to tune (the {args.step} step takes the protocol's choices)")
     if args.step != "all" and (args.parallel != 1 or args.deadline is not None):
         parser.error("--parallel and --deadline only apply to all")
+    if args.tuning is not None and args.step != "table":
+        parser.error("--tuning only applies to table")
     protocol = read_protocol()
     schedule = load_config(CONFIGS / "student.yaml").train.iterations
     if protocol.get("iterations") != schedule:
@@ -477,10 +488,10 @@ def main() -> None:
             (args.results / "selected.json").write_text(json.dumps(chosen, indent=2))
         print(tuning_table(protocol, args.results))
     else:
-        print(tuning_table(protocol, args.results))
+        print(tuning_table(protocol, args.tuning or args.results))
         for split in ("val", "test"):
             print()
-            print(table(protocol, args.results, split))
+            print(table(protocol, args.results, split, args.tuning, args.methods))
 
 
 if __name__ == "__main__":

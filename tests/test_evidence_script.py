@@ -173,6 +173,19 @@ def test_the_table_selects_what_it_can_before_every_method_is_tuned(evidence, tm
     assert lines[4].startswith("| kd-x1 | 61.00 ± 0.00 | +1.00 (+1.00..+1.00)")
 
 
+def test_the_table_of_a_rerun_takes_the_multipliers_from_the_tuning_folder(evidence, tmp_path):
+    tuning, rerun = tmp_path / "tuning", tmp_path / "rerun"
+    write(tuning, 0, "ka-x0.5", val=64.0)
+    write(tuning, 0, "ka-x1", val=62.0)
+    for seed, alone, ka in ((3, 60.0, 61.0), (4, 62.0, 65.0)):
+        write(rerun, seed, "alone", val=alone)
+        write(rerun, seed, "ka-x0.5", val=ka)
+    assert "| ka | (tuning incomplete) | | |" in evidence.table(PROTOCOL, rerun, "val")
+    lines = evidence.table(PROTOCOL, rerun, "val", tuning=tuning, methods=["ka"]).splitlines()
+    assert len(lines) == 4  # header, rule, alone, ka: kd left out
+    assert lines[3] == "| ka-x0.5 | 63.00 ± 2.83 | +2.00 (+1.00..+3.00) | 3: 61.00 (+1.00), 4: 65.00 (+3.00) |"
+
+
 def test_a_failed_auto_encoder_leaves_its_methods_out_and_the_rest_runs(evidence, tmp_path, monkeypatch):
     import argparse
 
