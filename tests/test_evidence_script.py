@@ -68,6 +68,7 @@ def test_confirmation_table_pairs_each_seed_with_its_student_alone(evidence, tmp
     table = evidence.table(PROTOCOL, tmp_path, "test")
     assert "| ka-x1 | 63.00 ± 0.00 | +2.00 (+1.00..+3.00) | 3: 63.00 (+3.00), 4: 63.00 (+1.00) |" in table
     assert "| kd-x0.5 | (missing on some seed) | | |" in table
+    assert "| alone | 61.00 ± 1.41 | | 3: 60.00, 4: 62.00 |" in table
 
 
 def test_the_shipped_mosaic_configs_use_the_protocols_base_weights(evidence):
