@@ -357,12 +357,12 @@ def table(protocol: dict[str, Any], results: Path, split: str, tuning: Path | No
             lines.append(f"| {name} | (missing on some seed) | | |")
             continue
         values = [runs[name][split]["miou"] for runs in by_seed.values()]
-        gains = [runs[name][split]["miou"] - runs["alone"][split]["miou"] for runs in by_seed.values()]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         if name == "alone":  # the reference: no gain over itself
             per_seed = ", ".join(f"{seed}: {value:.2f}" for seed, value in zip(seeds, values))
             lines.append(f"| {name} | {statistics.mean(values):.2f} ± {spread:.2f} | | {per_seed} |")
             continue
+        gains = [runs[name][split]["miou"] - runs["alone"][split]["miou"] for runs in by_seed.values()]
         per_seed = ", ".join(f"{seed}: {value:.2f} ({gain:+.2f})" for seed, value, gain in zip(seeds, values, gains))
         lines.append(
             f"| {name} | {statistics.mean(values):.2f} ± {spread:.2f} | "
