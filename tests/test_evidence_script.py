@@ -71,21 +71,27 @@ def test_confirmation_table_pairs_each_seed_with_its_student_alone(evidence, tmp
     assert "| alone | 61.00 ± 1.41 | | 3: 60.00, 4: 62.00 |" in table
 
 
-def test_the_shipped_mosaic_configs_use_the_protocols_base_weights(evidence):
-    """The demo's distilled student and its comparison methods are the protocol's methods
-    at multiplier 1, so the demo and the evidence table measure the same thing."""
+def test_the_shipped_mosaic_configs_are_the_protocols_methods(evidence):
+    """The comparison configs are the protocol's methods at their base weights (multiplier
+    1), and distill.yaml is ka-ratio at the multiplier its development seed kept, so the
+    demo and the evidence tables measure the same thing."""
     from kaseg.config import load_config
     from kaseg.tools.demo import CONFIGS
 
     protocol = evidence.read_protocol()
     methods = protocol["methods"]
     assert load_config(CONFIGS / "student.yaml").train.iterations == protocol["iterations"]
-    configs = {"ka": CONFIGS / "distill.yaml"} | {p.stem: p for p in (CONFIGS / "compare").glob("*.yaml")}
+    configs = {p.stem: p for p in (CONFIGS / "compare").glob("*.yaml")}
     assert set(configs) == set(methods)
     for name, path in configs.items():
         config = load_config(path)
         assert list(config.distill.losses) == methods[name]["losses"], name
         assert config.distill.autoencoder == methods[name].get("autoencoder", False), name
+    kept = evidence.select_method(protocol, evidence.PROTOCOL.parent, "ka-ratio")
+    assert kept == 3.0
+    distill = load_config(CONFIGS / "distill.yaml")
+    assert list(distill.distill.losses) == evidence.scaled_losses(methods["ka-ratio"], kept)
+    assert distill.distill.autoencoder
 
 
 def fake_job(results, scores, seconds=0.0):
