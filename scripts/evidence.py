@@ -347,7 +347,7 @@ def table(protocol: dict[str, Any], results: Path, split: str, tuning: Path | No
     ]
     names = ["alone"]
     for key in methods or protocol["methods"]:
-        multiplier = chosen.get(key, select_method(protocol, tuning, key))
+        multiplier = chosen[key] if key in chosen else select_method(protocol, tuning, key)
         names.append(key if multiplier is None else f"{key}-x{multiplier:g}")
     for name in names:
         if name in protocol["methods"]:
