@@ -7,6 +7,8 @@
     python scripts/evidence.py table                 # the README tables
     python scripts/evidence.py table --results evidence/mosaic/cpu-check --tuning evidence/mosaic \
         --methods adapt                              # confirmation seeds rerun on another device
+    python scripts/evidence.py table --results evidence/mosaic/fresh-check --tuning evidence/mosaic \
+        --methods cwd --seeds 6 7 8                  # seeds never looked at, checked later
     python scripts/evidence.py all --parallel 12 --device cuda --deadline 540
                                                      # every missing run, as many at once as
                                                      # the machine holds (a GPU), until a deadline
@@ -332,14 +334,15 @@ def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace)
 
 
 def table(protocol: dict[str, Any], results: Path, split: str, tuning: Path | None = None,
-          methods: list[str] | None = None) -> str:
+          methods: list[str] | None = None, seeds: list[int] | None = None) -> str:
     """Markdown: every confirmation run's mIoU, and the paired gain over the student alone.
     Each method's multiplier comes from ``tuning``'s development seeds (default: ``results``;
-    another folder where the confirmation seeds were rerun on another device, say)."""
+    another folder where the confirmation seeds were rerun on another device, say); ``seeds``
+    replaces the protocol's confirmation seeds (fresh seeds checked later, say)."""
     tuning = tuning or results
     selected = tuning / "selected.json"
     chosen = json.loads(selected.read_text()) if selected.is_file() else {}
-    seeds = protocol["confirmation_seeds"]
+    seeds = seeds or protocol["confirmation_seeds"]
     by_seed = load_results(results, seeds)
     lines = [
         f"| method (kept multiplier) | {split} mIoU mean ± std | paired gain mean (min..max) | per seed |",
@@ -495,7 +498,7 @@ def main() -> None:
         print(tuning_table(protocol, args.tuning or args.results))
         for split in ("val", "test"):
             print()
-            print(table(protocol, args.results, split, args.tuning, args.methods))
+            print(table(protocol, args.results, split, args.tuning, args.methods, args.seeds))
 
 
 if __name__ == "__main__":

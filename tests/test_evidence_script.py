@@ -193,6 +193,18 @@ def test_the_table_of_a_rerun_takes_the_multipliers_from_the_tuning_folder(evide
     assert lines[3] == "| ka-x0.5 | 63.00 ± 2.83 | +2.00 (+1.00..+3.00) | 3: 61.00 (+1.00), 4: 65.00 (+3.00) |"
 
 
+def test_the_table_of_fresh_seeds_reads_the_seeds_it_is_given(evidence, tmp_path):
+    tuning, fresh = tmp_path / "tuning", tmp_path / "fresh"
+    write(tuning, 0, "ka-x0.5", val=61.0)
+    write(tuning, 0, "ka-x1", val=62.0)
+    write(fresh, 6, "alone", val=60.0)
+    write(fresh, 6, "ka-x1", val=64.5)
+    assert "| alone | (missing on some seed) | | |" in evidence.table(PROTOCOL, fresh, "val", tuning=tuning)
+    lines = evidence.table(PROTOCOL, fresh, "val", tuning=tuning, methods=["ka"], seeds=[6]).splitlines()
+    assert lines[2:] == ["| alone | 60.00 ± 0.00 | | 6: 60.00 |",
+                         "| ka-x1 | 64.50 ± 0.00 | +4.50 (+4.50..+4.50) | 6: 64.50 (+4.50) |"]
+
+
 def test_a_failed_auto_encoder_leaves_its_methods_out_and_the_rest_runs(evidence, tmp_path, monkeypatch):
     import argparse
 
