@@ -9,6 +9,8 @@
         --methods adapt                              # confirmation seeds rerun on another device
     python scripts/evidence.py table --results evidence/mosaic/fresh-check --tuning evidence/mosaic \
         --methods cwd --seeds 6 7 8                  # seeds never looked at, checked later
+    python scripts/evidence.py curves --results evidence/mosaic/cpu-check --tuning evidence/mosaic \
+        --methods ka-ratio cwd --out curves.png      # validation mIoU over training, paired gain
     python scripts/evidence.py all --parallel 12 --device cuda --deadline 540
                                                      # every missing run, as many at once as
                                                      # the machine holds (a GPU), until a deadline
@@ -333,26 +335,88 @@ def run_all(jobs: list[Job], protocol: dict[str, Any], args: argparse.Namespace)
     return report
 
 
+def kept_runs(protocol: dict[str, Any], tuning: Path, methods: list[str] | None = None) -> list[str]:
+    """Run names of the student alone and of each method at its kept multiplier (read from
+    ``tuning``'s selected.json, else selected from its development seeds); a bare method key
+    where its tuning is incomplete."""
+    selected = tuning / "selected.json"
+    chosen = json.loads(selected.read_text()) if selected.is_file() else {}
+    names = ["alone"]
+    for key in methods or protocol["methods"]:
+        multiplier = chosen[key] if key in chosen else select_method(protocol, tuning, key)
+        names.append(key if multiplier is None else f"{key}-x{multiplier:g}")
+    return names
+
+
+def paired_curves(by_seed: dict[int, dict[str, dict[str, Any]]], name: str) -> dict[str, list[float]]:
+    """``name``'s validation curve over the seeds of ``by_seed``, at the iterations every
+    seed and its student alone evaluated: ``steps``, ``mean``, ``seeds`` (one list per seed)
+    and the paired gain over the student alone (``gain_mean``, ``gain_min``, ``gain_max``)."""
+    per_seed = [dict(runs[name]["curve"]) for runs in by_seed.values()]
+    alone = [dict(runs["alone"]["curve"]) for runs in by_seed.values()]
+    steps = sorted(set.intersection(*(set(curve) for curve in per_seed + alone)))
+    gains = [[curve[step] - reference[step] for curve, reference in zip(per_seed, alone)] for step in steps]
+    return {
+        "steps": steps,
+        "mean": [statistics.mean(curve[step] for curve in per_seed) for step in steps],
+        "seeds": [[curve[step] for step in steps] for curve in per_seed],
+        "gain_mean": [statistics.mean(gain) for gain in gains],
+        "gain_min": [min(gain) for gain in gains],
+        "gain_max": [max(gain) for gain in gains],
+    }
+
+
+def curves(protocol: dict[str, Any], results: Path, out: Path, tuning: Path | None = None,
+           methods: list[str] | None = None, seeds: list[int] | None = None) -> list[str]:
+    """A PNG of validation mIoU over training: left, each run's mean over ``seeds`` (thin
+    lines: every seed); right, each method's paired gain over the student alone (mean, and
+    the band between the lowest and the highest seed). Returns the runs drawn: those present
+    on every seed."""
+    from kaseg.tools.report import pyplot
+
+    seeds = seeds or protocol["confirmation_seeds"]
+    by_seed = load_results(results, seeds)
+    names = [name for name in kept_runs(protocol, tuning or results, methods)
+             if all(name in runs for runs in by_seed.values())]
+    if "alone" not in names:
+        raise SystemExit(f"curves: the student alone is missing on some of seeds {seeds} in {results}")
+    plt = pyplot()
+    figure, (miou_axis, gain_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, name in enumerate(names):
+        color, series = f"C{index}", paired_curves(by_seed, name)
+        for values in series["seeds"]:
+            miou_axis.plot(series["steps"], values, color=color, alpha=0.25, linewidth=0.8)
+        miou_axis.plot(series["steps"], series["mean"], color=color, linewidth=2, label=name)
+        if name != "alone":
+            gain_axis.fill_between(series["steps"], series["gain_min"], series["gain_max"], color=color, alpha=0.15)
+            gain_axis.plot(series["steps"], series["gain_mean"], color=color, linewidth=2, label=name)
+    gain_axis.axhline(0.0, color="black", linewidth=0.8)
+    miou_axis.set_title(f"validation mIoU (%), seeds {', '.join(map(str, seeds))}")
+    gain_axis.set_title("paired gain over the student alone (mIoU points)")
+    for axis in (miou_axis, gain_axis):
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return names
+
+
 def table(protocol: dict[str, Any], results: Path, split: str, tuning: Path | None = None,
           methods: list[str] | None = None, seeds: list[int] | None = None) -> str:
     """Markdown: every confirmation run's mIoU, and the paired gain over the student alone.
     Each method's multiplier comes from ``tuning``'s development seeds (default: ``results``;
     another folder where the confirmation seeds were rerun on another device, say); ``seeds``
     replaces the protocol's confirmation seeds (fresh seeds checked later, say)."""
-    tuning = tuning or results
-    selected = tuning / "selected.json"
-    chosen = json.loads(selected.read_text()) if selected.is_file() else {}
     seeds = seeds or protocol["confirmation_seeds"]
     by_seed = load_results(results, seeds)
     lines = [
         f"| method (kept multiplier) | {split} mIoU mean ± std | paired gain mean (min..max) | per seed |",
         "|---|---|---|---|",
     ]
-    names = ["alone"]
-    for key in methods or protocol["methods"]:
-        multiplier = chosen[key] if key in chosen else select_method(protocol, tuning, key)
-        names.append(key if multiplier is None else f"{key}-x{multiplier:g}")
-    for name in names:
+    for name in kept_runs(protocol, tuning or results, methods):
         if name in protocol["methods"]:
             lines.append(f"| {name} | (tuning incomplete) | | |")
             continue
@@ -421,7 +485,7 @@ def magnitudes(protocol: dict[str, Any], runs: Path, seed: int) -> dict[str, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["magnitudes", "tune", "select", "confirm", "table", "all", "job"])
+    parser.add_argument("step", choices=["magnitudes", "tune", "select", "confirm", "table", "curves", "all", "job"])
     parser.add_argument("--runs", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--results", type=Path, default=Path("evidence/mosaic"))
     parser.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds for this step")
@@ -433,15 +497,18 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, help="all: seconds after which no run starts or continues")
     parser.add_argument("--test-split", action="store_true", help="job: also score the test split")
     parser.add_argument("--tuning", type=Path,
-                        help="table: the results folder whose development seeds choose each method's multiplier "
-                             "(default: --results)")
+                        help="table, curves: the results folder whose development seeds choose each method's "
+                             "multiplier (default: --results)")
+    parser.add_argument("--out", type=Path, help="curves: the PNG to write")
     args = parser.parse_args()
     if args.multipliers and args.step not in ("tune", "job"):
         parser.error(f"--multipliers only applies to tune (the {args.step} step takes the protocol's choices)")
     if args.step != "all" and (args.parallel != 1 or args.deadline is not None):
         parser.error("--parallel and --deadline only apply to all")
-    if args.tuning is not None and args.step != "table":
-        parser.error("--tuning only applies to table")
+    if args.tuning is not None and args.step not in ("table", "curves"):
+        parser.error("--tuning only applies to table and curves")
+    if (args.out is None) != (args.step != "curves"):
+        parser.error("curves needs --out, and only curves takes it")
     protocol = read_protocol()
     schedule = load_config(CONFIGS / "student.yaml").train.iterations
     if protocol.get("iterations") != schedule:
@@ -494,6 +561,9 @@ def main() -> None:
         else:
             (args.results / "selected.json").write_text(json.dumps(chosen, indent=2))
         print(tuning_table(protocol, args.results))
+    elif args.step == "curves":
+        drawn = curves(protocol, args.results, args.out, args.tuning, args.methods, args.seeds)
+        print(f"{args.out}: {', '.join(drawn)}")
     else:
         print(tuning_table(protocol, args.tuning or args.results))
         for split in ("val", "test"):

@@ -221,3 +221,24 @@ def test_a_failed_auto_encoder_leaves_its_methods_out_and_the_rest_runs(evidence
     report = [line.split("] ")[1].split(" in ")[0] for line in evidence.run_all(jobs, protocol, args)]
     assert report[1].startswith("FAILED seed3/autoencoder (exit 3")
     assert report[2:] == ["not run seed3/ka-x1: its auto-encoder failed", "start seed0/kd-x0.5", "done seed0/kd-x0.5"]
+
+
+def test_curves_average_the_seeds_and_pair_each_with_its_student_alone(evidence, tmp_path):
+    (tmp_path / "selected.json").write_text(json.dumps({"ka": 1.0, "kd": 0.5}))
+    for seed, alone, ka in ((3, [[250, 10.0], [500, 40.0]], [[250, 4.0], [500, 45.0]]),
+                            (4, [[250, 20.0], [500, 50.0], [750, 55.0]], [[250, 12.0], [500, 51.0], [750, 57.0]])):
+        for name, curve in (("alone", alone), ("ka-x1", ka)):
+            (tmp_path / f"seed{seed}").mkdir(exist_ok=True)
+            (tmp_path / f"seed{seed}" / f"{name}.json").write_text(json.dumps({"curve": curve}))
+    by_seed = evidence.load_results(tmp_path, [3, 4])
+    series = evidence.paired_curves(by_seed, "ka-x1")
+    assert series["steps"] == [250, 500]  # 750: seed 3 never evaluated there
+    assert series["mean"] == [8.0, 48.0]
+    assert series["seeds"] == [[4.0, 45.0], [12.0, 51.0]]
+    assert series["gain_mean"] == [-7.0, 3.0]
+    assert (series["gain_min"], series["gain_max"]) == ([-8.0, 1.0], [-6.0, 5.0])
+    out = tmp_path / "plots" / "curves.png"
+    assert evidence.curves(PROTOCOL, tmp_path, out) == ["alone", "ka-x1"]  # kd-x0.5: on no seed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="student alone is missing"):
+        evidence.curves(PROTOCOL, tmp_path, out, seeds=[3, 5])

@@ -21,7 +21,7 @@ from kaseg.engine.visualize import denormalize, grid, overlay
 from kaseg.stages import load_segmenter
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -33,7 +33,7 @@ def _pyplot():
 
 
 def per_class_chart(rows: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     classes = list(rows[0]["iou"])
     width = 0.8 / len(rows)
     figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(classes)), 3.6))
@@ -51,7 +51,7 @@ def per_class_chart(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def curves_chart(runs: dict[str, Path], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, (loss_axis, miou_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     for label, run_dir in runs.items():
         entries = read_metrics(run_dir)
