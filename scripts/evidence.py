@@ -372,7 +372,7 @@ def curves(protocol: dict[str, Any], results: Path, out: Path, tuning: Path | No
     lines: every seed); right, each method's paired gain over the student alone (mean, and
     the band between the lowest and the highest seed). Returns the runs drawn: those present
     on every seed."""
-    from kaseg.tools.report import pyplot
+    from kaseg.tools.report import pyplot, save_over_iterations
 
     seeds = seeds or protocol["confirmation_seeds"]
     by_seed = load_results(results, seeds)
@@ -393,14 +393,7 @@ def curves(protocol: dict[str, Any], results: Path, out: Path, tuning: Path | No
     gain_axis.axhline(0.0, color="black", linewidth=0.8)
     miou_axis.set_title(f"validation mIoU (%), seeds {', '.join(map(str, seeds))}")
     gain_axis.set_title("paired gain over the student alone (mIoU points)")
-    for axis in (miou_axis, gain_axis):
-        axis.set_xlabel("iteration")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
+    save_over_iterations(figure, (miou_axis, gain_axis), out)
     return names
 
 

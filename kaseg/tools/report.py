@@ -64,13 +64,19 @@ def curves_chart(runs: dict[str, Path], path: Path) -> None:
     loss_axis.set_yscale("log")
     loss_axis.set_title("training loss (sum of weighted terms)")
     miou_axis.set_title("validation mIoU (%)")
-    for axis in (loss_axis, miou_axis):
+    save_over_iterations(figure, (loss_axis, miou_axis), path, legend_size=7, dpi=110)
+
+
+def save_over_iterations(figure, axes, path: Path, legend_size: int = 8, dpi: int = 100) -> None:
+    """Labels ``axes`` (curves over training iterations), saves ``figure`` to ``path`` and closes it."""
+    for axis in axes:
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=legend_size)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
 
 
 @torch.no_grad()
