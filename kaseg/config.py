@@ -133,6 +133,10 @@ class DistillConfig:
         {"name": "affinity", "weight": 1.0},
     )
     ce_weight: float = 1.0
+    # The distillation weights grow linearly from 0 to their value over the first
+    # warmup_iterations steps (the cross-entropy keeps its weight): against the slow start of
+    # feature losses on short schedules. 0: full weights from the first step.
+    warmup_iterations: int = 0
     # False: no auto-encoder; the adapter maps straight to the teacher's feature map
     # resized to the student's grid (the paper's "w/o auto-encoder" ablation).
     autoencoder: bool = True
@@ -408,6 +412,7 @@ _RANGE_RULES = (
     ("autoencoder.code_channels", _AT_LEAST_1, "an integer >= 1"),
     ("autoencoder.alpha", _AT_LEAST_0, "a number >= 0"),
     ("distill.ce_weight", _AT_LEAST_0, "a number >= 0"),
+    ("distill.warmup_iterations", _AT_LEAST_0, "an integer >= 0"),
 )
 
 

@@ -333,10 +333,12 @@ def distill(
         encoder=encoder,
         losses=build_losses(list(config.distill.losses), dims),
         ce_weight=config.distill.ce_weight,
+        warmup_iterations=config.distill.warmup_iterations,
         teacher_cache_mb=config.teacher.cache_mb,
         teacher_store=teacher_store,
     ).to(device)
     job = _job_for_segmenter(distiller, distiller.trainable, student, evaluator)
+    job.before_step = distiller.start_iteration
     seed_everything(config.seed)  # the training streams (dropout) start where `kaseg train`'s do
     return fit(job, config, train_dataset=train_dataset, device=device, progress=progress)
 

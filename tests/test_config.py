@@ -105,6 +105,7 @@ CONFIG_ERRORS = {
     "unknown-split": (["data.name=mosaic", "data.hflip=false", "data.val_split=bogus"], "data.val_split",
                       "train, val, test"),
     "negative-iterations": ("train.iterations=-5", "train.iterations", ">= 1"),
+    "negative-distillation-warmup": ("distill.warmup_iterations=-1", "distill.warmup_iterations", ">= 0"),
     "zero-batch-size": ("data.batch_size=0", "data.batch_size", ">= 1"),
     "zero-learning-rate": ("train.lr=0", "train.lr", "> 0"),
     "nan": ("train.weight_decay=.nan", "train.weight_decay", ">= 0"),

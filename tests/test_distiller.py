@@ -121,6 +121,26 @@ def test_distiller_weights_scale_the_terms():
     torch.testing.assert_close(b["ce"], a["ce"])
 
 
+def test_warmup_ramps_the_distillation_weights_not_the_cross_entropy():
+    torch.manual_seed(1)
+    images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    specs = [{"name": "adapt", "weight": 50.0}, {"name": "affinity", "weight": 1.0}]
+    full = make_distiller(specs).eval()
+    warm = make_distiller(specs).eval()
+    warm.warmup_iterations = 4
+    with torch.no_grad():
+        reference = full(images, masks)
+        for iteration, factor in ((1, 0.25), (3, 0.75), (4, 1.0), (9, 1.0)):
+            warm.start_iteration(iteration)
+            terms = warm(images, masks)
+            torch.testing.assert_close(terms["ce"], reference["ce"])
+            for key in ("adapt", "affinity"):
+                torch.testing.assert_close(terms[key], factor * reference[key])
+    full.start_iteration(1)  # no warm-up: nothing changes
+    with torch.no_grad():
+        torch.testing.assert_close(full(images, masks)["adapt"], reference["adapt"])
+
+
 def test_distiller_without_autoencoder_adapts_to_resized_teacher():
     distiller = make_distiller(autoencoder=False).train()
     assert distiller.encoder is None

@@ -138,6 +138,36 @@ def test_teacher_cache_needs_a_classifier():
         TeacherOutputs(LogitsOnly(), cache_mb=-1)
 
 
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_and_resume(config: Config, monkeypatch, reads: int, stopped_at: int) -> None:
+    """Runs ``config``'s distillation until its training set has served ``reads`` images
+    (the run dies there, after its iteration-``stopped_at`` checkpoint), then resumes it."""
+    build = stages.build_train_dataset
+
+    class FailsLate(torch.utils.data.Dataset):
+        def __init__(self, dataset, reads):
+            self.dataset, self.reads = dataset, reads
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, key):
+            self.reads -= 1
+            if self.reads < 0:
+                raise Interrupt
+            return self.dataset[key]
+
+    monkeypatch.setattr(stages, "build_train_dataset", lambda data: FailsLate(build(data), reads=reads))
+    with pytest.raises(Interrupt):
+        stages.distill(config, progress=False)
+    assert load_checkpoint(config.run_dir / "checkpoints" / "last.pt")["iteration"] == stopped_at
+    monkeypatch.setattr(stages, "build_train_dataset", build)
+    stages.distill(dataclasses.replace(config, train=dataclasses.replace(config.train, resume="auto")), progress=False)
+
+
 def test_cached_distillation_resumes_bit_identically(tmp_path, monkeypatch):
     """A run interrupted after its iteration-4 checkpoint and resumed with an empty cache
     ends exactly where the uninterrupted run does."""
@@ -153,33 +183,34 @@ def test_cached_distillation_resumes_bit_identically(tmp_path, monkeypatch):
     stages.distill(straight, progress=False)
 
     interrupted = config_for(tmp_path, "interrupted", **settings)
-    build = stages.build_train_dataset
-
-    class Interrupt(Exception):
-        pass
-
-    class FailsLate(torch.utils.data.Dataset):
-        def __init__(self, dataset, reads):
-            self.dataset, self.reads = dataset, reads
-
-        def __len__(self):
-            return len(self.dataset)
-
-        def __getitem__(self, key):
-            self.reads -= 1
-            if self.reads < 0:
-                raise Interrupt
-            return self.dataset[key]
-
-    monkeypatch.setattr(stages, "build_train_dataset", lambda data: FailsLate(build(data), reads=5 * 4 + 2))
-    with pytest.raises(Interrupt):
-        stages.distill(interrupted, progress=False)
-    assert load_checkpoint(interrupted.run_dir / "checkpoints" / "last.pt")["iteration"] == 4
-    monkeypatch.setattr(stages, "build_train_dataset", build)
-    resumed = dataclasses.replace(interrupted, train=dataclasses.replace(interrupted.train, resume="auto"))
-    stages.distill(resumed, progress=False)
+    interrupt_and_resume(interrupted, monkeypatch, reads=5 * 4 + 2, stopped_at=4)
     a = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(interrupted.run_dir / "checkpoints" / "last.pt")
     assert a["iteration"] == b["iteration"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+
+
+def test_a_distillation_warmup_resumes_bit_identically_and_changes_the_run(tmp_path, monkeypatch):
+    """The warm-up factor follows the iteration number, so a run resumed from its
+    iteration-2 checkpoint ends where the uninterrupted one does."""
+    teacher = save_teacher(tmp_path)
+    settings = dict(
+        model=TINY_STUDENT,
+        data={"scale_range": [1.0, 1.0], "hflip": False, "workers": 0,
+              "options": {"num_images": 6, "num_val_images": 3, "size": 32}},
+        train={"iterations": 5, "checkpoint_every": 2},
+        teacher={"checkpoint": teacher},
+        distill={"losses": [{"name": "adapt", "weight": 5.0}], "autoencoder": False, "warmup_iterations": 4},
+    )
+    straight = config_for(tmp_path, "straight", **settings)
+    stages.distill(straight, progress=False)
+    interrupted = config_for(tmp_path, "interrupted", **settings)
+    interrupt_and_resume(interrupted, monkeypatch, reads=3 * 4 + 2, stopped_at=2)
+    no_warmup = {**settings["distill"], "warmup_iterations": 0}
+    without = config_for(tmp_path, "without", **{**settings, "distill": no_warmup})
+    stages.distill(without, progress=False)
+    a, b, c = (load_checkpoint(c.run_dir / "checkpoints" / "last.pt") for c in (straight, interrupted, without))
+    assert a["iteration"] == b["iteration"] == 5
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])

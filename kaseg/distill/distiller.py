@@ -117,6 +117,8 @@ class Distiller(nn.Module):
         losses: the weighted distillation losses; none gives the student alone trained
             through this stage (the paired baseline: same initialisation, data and steps).
         ce_weight: weight of the cross-entropy on the labels.
+        warmup_iterations: the distillation weights grow linearly from 0 to their value over
+            this many iterations, set by :meth:`start_iteration` (0: full weights throughout).
         teacher_cache_mb: memory for reusing the teacher's features of inputs seen before
             (deterministic augmentation only; see :class:`kaseg.distill.teacher.TeacherOutputs`).
         teacher_store: a feature store shared with another stage (instead of a new one).
@@ -130,6 +132,7 @@ class Distiller(nn.Module):
         encoder: TeacherAutoEncoder | None,
         losses: list[WeightedLoss],
         ce_weight: float = 1.0,
+        warmup_iterations: int = 0,
         teacher_cache_mb: float = 0,
         teacher_store: TeacherFeatureStore | None = None,
     ) -> None:
@@ -152,6 +155,15 @@ class Distiller(nn.Module):
         self.keys = [loss.key for loss in losses]
         self.weights = [loss.weight for loss in losses]
         self.ce_weight = ce_weight
+        self.warmup_iterations = warmup_iterations
+        # A tensor, not a float, so that torch.compile does not recompile as it changes.
+        self.register_buffer("ramp", torch.ones(()), persistent=False)
+
+    def start_iteration(self, iteration: int) -> None:
+        """Sets the warm-up factor of the distillation weights for training iteration
+        ``iteration`` (counted from 1): ``min(1, iteration / warmup_iterations)``."""
+        if self.warmup_iterations > 0:
+            self.ramp.fill_(min(1.0, iteration / self.warmup_iterations))
 
     @property
     def trainable(self) -> nn.ModuleDict:
@@ -201,4 +213,6 @@ class Distiller(nn.Module):
             inputs.teacher_native_logits = _teacher_native_logits(self.teacher, teacher["features"]).clone()
         for key, weight, loss in zip(self.keys, self.weights, self.losses):
             losses[key] = weight * loss(inputs)
+            if self.warmup_iterations > 0:
+                losses[key] = self.ramp * losses[key]
         return losses

@@ -66,6 +66,8 @@ class TrainingJob:
         evaluate: runs the validation on every process and returns metrics.
         best_metric: the metric (higher is better) that decides ``best.pt``.
         pictures: optional; an H x W x 3 picture of predictions logged after evaluations.
+        before_step: optional; called with the iteration number (from 1) before each step,
+            a resumed run's included (a schedule of loss weights, say).
     """
 
     module: nn.Module
@@ -74,6 +76,7 @@ class TrainingJob:
     evaluate: Callable[[], dict[str, Any]]
     best_metric: str = "miou"
     pictures: Callable[[], np.ndarray | None] | None = None
+    before_step: Callable[[int], None] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -222,6 +225,8 @@ def fit(
     loop.module.train()
     for iteration in range(loop.start + 1, train.iterations + 1):
         images, masks = next(batches)
+        if job.before_step is not None:
+            job.before_step(iteration)
         values = _train_step(loop, images, masks, iteration, config, device)
         progress_log.add(values)
         if iteration % train.log_every == 0 or iteration == train.iterations:
