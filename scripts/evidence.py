@@ -500,8 +500,10 @@ def main() -> None:
         parser.error("--parallel and --deadline only apply to all")
     if args.tuning is not None and args.step not in ("table", "curves"):
         parser.error("--tuning only applies to table and curves")
-    if (args.out is None) != (args.step != "curves"):
-        parser.error("curves needs --out, and only curves takes it")
+    if args.step == "curves" and args.out is None:
+        parser.error("curves needs --out (the PNG to write)")
+    if args.step != "curves" and args.out is not None:
+        parser.error("--out only applies to curves")
     protocol = read_protocol()
     schedule = load_config(CONFIGS / "student.yaml").train.iterations
     if protocol.get("iterations") != schedule:

@@ -210,7 +210,7 @@ def test_a_distillation_warmup_resumes_bit_identically_and_changes_the_run(tmp_p
     no_warmup = {**settings["distill"], "warmup_iterations": 0}
     without = config_for(tmp_path, "without", **{**settings, "distill": no_warmup})
     stages.distill(without, progress=False)
-    a, b, c = (load_checkpoint(c.run_dir / "checkpoints" / "last.pt") for c in (straight, interrupted, without))
+    a, b, c = (load_checkpoint(run.run_dir / "checkpoints" / "last.pt") for run in (straight, interrupted, without))
     assert a["iteration"] == b["iteration"] == 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
